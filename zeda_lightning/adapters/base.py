@@ -1,0 +1,169 @@
+"""Family adapters and the injection converter.
+
+A family adapter is a small diff against :class:`FamilyAdapter`: the original router class, where the block keeps
+it, and the family's scoring rule. :func:`inject` swaps only the routers (original rows copied), hooks the experts so
+skipped slots are never computed, records the routing choice in ``model.config`` and checks that no MoE block was
+missed. The experts' weights and classes are untouched; no modeling file is forked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from torch import nn
+
+from zeda_lightning.adapters.scoring import RouterScoring
+from zeda_lightning.adapters.skipping import install_sentinel_skip
+from zeda_lightning.routing.base import BaseRouter, MoEDims, RoutingVariant
+
+#: key under which the routing choice is stored in ``model.config`` (and so in ``config.json``)
+CONFIG_KEY = "zeda_routing"
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+class FamilyAdapter:
+    """Protocol of one model family (keyed by ``config.model_type``)."""
+
+    model_type: ClassVar[str]
+    #: attribute of the MoE block that holds the router
+    router_attr: ClassVar[str] = "gate"
+
+    def router_class(self) -> type[nn.Module]:
+        """The family's original router class (imported lazily)."""
+        raise NotImplementedError
+
+    def scoring(self, router: nn.Module) -> RouterScoring:
+        """The family's exact scoring rule, read off an original router instance."""
+        raise NotImplementedError
+
+    def dims(self, router: nn.Module) -> MoEDims:
+        return MoEDims(hidden_size=router.hidden_dim, num_experts=router.num_experts, top_k=router.top_k)
+
+    def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, block)`` for every MoE block, original or already injected."""
+        cls = self.router_class()
+        return [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if isinstance(getattr(mod, self.router_attr, None), (cls, BaseRouter)) and hasattr(mod, "experts")
+        ]
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {}
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: register a family adapter under its ``model_type``."""
+    ADAPTERS[cls.model_type] = cls()
+    return cls
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unknown MoE family {model_type!r}: supported model types are {sorted(ADAPTERS)}. "
+            "To add one, write zeda_lightning/adapters/<model_type>.py with a FamilyAdapter subclass (router class, "
+            "router attribute, scoring rule) decorated with @register_adapter, and import it in "
+            "zeda_lightning/adapters/__init__.py; adapters/qwen3_moe.py is the smallest example."
+        )
+    return ADAPTERS[model_type]
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    m = _LAYER_RE.search(name + ".")
+    return int(m.group(1)) if m else fallback
+
+
+def _missed_blocks(model: nn.Module, found: set[str]) -> list[str]:
+    """Modules that look like MoE experts containers but were not matched by the adapter."""
+    return [
+        name
+        for name, mod in model.named_modules()
+        if name not in found and hasattr(mod, "experts") and hasattr(getattr(mod, "experts"), "num_experts")
+    ]
+
+
+def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> nn.Module:
+    """Replace every MoE router of ``model`` with ``routing``'s router, in place; return ``model``.
+
+    Every check runs before the first module is touched: unknown family, no MoE layer, a model that is already
+    injected, and the variant's own bounds (``routing.validate``). ``init=False`` only allocates the new rows (use
+    it before loading a checkpoint of an injected model).
+    """
+    if not isinstance(routing, RoutingVariant):
+        raise ValueError(f"routing must be a RoutingVariant (e.g. ZeroExperts()), got {type(routing).__name__}")
+    adapter = adapter_for(model)
+    blocks = adapter.find_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} ({adapter.model_type}) has no MoE layer: nothing to inject. Check the config "
+            "(e.g. mlp_only_layers / first_k_dense_replace / mlp_layer_types cover every layer)."
+        )
+    if any(isinstance(getattr(b, adapter.router_attr), BaseRouter) for _, b in blocks):
+        raise ValueError(
+            "model already has injected routers; rebuild it from the original checkpoint (or use "
+            "zeda_lightning.from_pretrained for a saved injected model) instead of injecting twice"
+        )
+    missed = _missed_blocks(model, {n for n, _ in blocks})
+    if missed:
+        raise ValueError(f"{adapter.model_type} adapter did not recognise the MoE blocks {missed}; update its router_class")
+
+    plans: list[tuple[nn.Module, BaseRouter]] = []
+    for i, (name, block) in enumerate(blocks):
+        original = getattr(block, adapter.router_attr)
+        dims = adapter.dims(original)
+        routing.validate(dims)
+        router = routing.build(original, dims, adapter.scoring(original), init=init)
+        router.layer_idx = _layer_index(name, i)
+        plans.append((block, router))
+    # -- nothing above changed the model; from here on, swap -------------------------------------------------
+    for block, router in plans:
+        setattr(block, adapter.router_attr, router)
+        install_sentinel_skip(block.experts)
+    setattr(model.config, CONFIG_KEY, routing.to_config())
+    return model
+
+
+def routing_state_keys(model: nn.Module) -> list[str]:
+    """State-dict keys owned by injected routers (grown or added relative to the original model)."""
+    keys = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, BaseRouter):
+            keys += [f"{name}.{k}" for k in mod.state_dict()]
+    return keys
+
+
+def set_zero_mask(model: nn.Module, masked: bool) -> int:
+    """Mask (or unmask) the zero experts of every injected ``ZeroExpertRouter``; returns how many were set.
+
+    Masked, the model computes exactly the original model (bit-identical logits): the teacher in ``shared_weights``
+    mode is the student with this switch on.
+    """
+    from zeda_lightning.routing.zero_experts import ZeroExpertRouter
+
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, ZeroExpertRouter):
+            mod.mask_zero = masked
+            count += 1
+    return count
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Small summary for logs: family, variant, layers, N, pool size, K."""
+    routers = [m for m in model.modules() if isinstance(m, BaseRouter)]
+    if not routers:
+        return {"injected": False}
+    r = routers[0]
+    return {
+        "injected": True,
+        "family": model.config.model_type,
+        "routing": getattr(model.config, CONFIG_KEY, None),
+        "moe_layers": [m.layer_idx for m in routers],
+        "num_experts": r.num_experts,
+        "pool": r.weight.shape[0],
+        "top_k": r.top_k,
+    }

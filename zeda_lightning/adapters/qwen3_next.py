@@ -1,0 +1,17 @@
+"""Qwen3-Next: Qwen3's softmax top-k rule; a gated shared expert in the block, hybrid linear attention elsewhere."""
+
+from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
+from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
+
+
+@register_adapter
+class Qwen3NextAdapter(FamilyAdapter):
+    model_type = "qwen3_next"
+
+    def router_class(self):
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextTopKRouter
+
+        return Qwen3NextTopKRouter
+
+    def scoring(self, router):
+        return SoftmaxTopKScoring(norm_topk_prob=router.norm_topk_prob)

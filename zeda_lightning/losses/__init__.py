@@ -1,0 +1,21 @@
+"""Losses as pure functions on tensors (fp32 inside, masked tokens ignored)."""
+
+from zeda_lightning.losses.routing import (
+    group_aux_loss,
+    router_probs,
+    router_z_loss,
+    switch_load_balance_loss,
+    total_group_aux_loss,
+    total_router_z_loss,
+    total_switch_load_balance_loss,
+)
+
+__all__ = [
+    "group_aux_loss",
+    "router_probs",
+    "router_z_loss",
+    "switch_load_balance_loss",
+    "total_group_aux_loss",
+    "total_router_z_loss",
+    "total_switch_load_balance_loss",
+]

@@ -1,0 +1,43 @@
+"""Routing variants, one per file, behind one base class and a name registry.
+
+YAML picks a variant by ``class_path`` (e.g. ``zeda_lightning.routing.ZeroExperts``); notebooks and tests can use
+``get_routing("zero_experts", ...)``.
+"""
+
+from zeda_lightning.routing.base import (
+    ROUTING_VARIANTS,
+    BaseRouter,
+    MoEDims,
+    RouterOutput,
+    RoutingVariant,
+    capture_routing,
+    get_routing,
+    iter_routers,
+    register_routing,
+    routing_from_config,
+)
+from zeda_lightning.routing.null_experts import NullExpertRouter, NullExperts
+from zeda_lightning.routing.static_topk import StaticTopK, StaticTopKRouter
+from zeda_lightning.routing.top_p import TopP, TopPRouter
+from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
+
+__all__ = [
+    "ROUTING_VARIANTS",
+    "BaseRouter",
+    "MoEDims",
+    "NullExpertRouter",
+    "NullExperts",
+    "RouterOutput",
+    "RoutingVariant",
+    "StaticTopK",
+    "StaticTopKRouter",
+    "TopP",
+    "TopPRouter",
+    "ZeroExpertRouter",
+    "ZeroExperts",
+    "capture_routing",
+    "get_routing",
+    "iter_routers",
+    "register_routing",
+    "routing_from_config",
+]

@@ -1,0 +1,250 @@
+"""Routing variants: the YAML-facing spec, the router module it builds, and the output contract.
+
+Shape glossary (used in comments across the package):
+    B batch, S sequence, T = B * S tokens, H hidden size,
+    N real experts, N_Z zero experts (or M null slots), P = N + N_Z pool size, K slots per token (top-k).
+
+Contract: a router returns HF's triple ``(router_logits (T, P), routing_weights (T, K), selected_experts (T, K))``.
+A skipped slot carries the sentinel index ``N`` and weight 0, so the experts module never computes it (see
+``zeda_lightning.adapters.skipping``). The full record, with what losses and metrics need, is a :class:`RouterOutput`
+collected by :func:`capture_routing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from zeda_lightning.adapters.scoring import RouterScoring
+
+
+@dataclass(frozen=True)
+class MoEDims:
+    """Dimensions read from the model at injection time, never from YAML."""
+
+    hidden_size: int
+    num_experts: int  # N
+    top_k: int  # K
+
+
+@dataclass
+class RouterOutput:
+    """One MoE layer's routing for one forward."""
+
+    router_logits: Tensor  # (T, P) logits over the whole pool (masked columns are -inf)
+    routing_weights: Tensor  # (T, K) combine weights, 0 on skipped slots
+    selected_experts: Tensor  # (T, K) expert ids, sentinel N on skipped slots
+    pool_indices: Tensor  # (T, K) ids in the pool before the sentinel mapping (for Switch balance)
+    num_experts: int  # N
+    score_func: str  # "softmax" | "sigmoid": how losses read router_logits
+
+    @property
+    def top_k(self) -> int:
+        return self.selected_experts.shape[-1]
+
+    @property
+    def skipped(self) -> Tensor:
+        return self.selected_experts >= self.num_experts  # (T, K) bool
+
+
+class BaseRouter(nn.Module):
+    """A drop-in for a family's router. Parameter names follow the original (``weight``, ``bias``,
+    ``e_score_correction_bias``) so checkpoints map key for key; only shapes grow."""
+
+    def __init__(self, dims: MoEDims, scoring: RouterScoring, num_rows: int, *, has_bias: bool, has_correction_bias: bool):
+        super().__init__()
+        self.dims = dims
+        self.scoring = scoring
+        self.top_k = dims.top_k
+        self.num_experts = dims.num_experts
+        self.hidden_dim = dims.hidden_size
+        self.weight = nn.Parameter(torch.empty(num_rows, dims.hidden_size))  # (P, H)
+        self.bias = nn.Parameter(torch.empty(num_rows)) if has_bias else None  # (P,) GPT-OSS
+        if has_correction_bias:
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(num_rows, dtype=torch.float32))  # (P,)
+        else:
+            self.e_score_correction_bias = None
+        self.layer_idx: int = -1
+        self._sink: dict[int, RouterOutput] | None = None
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+        out = self.route(h)
+        if self._sink is not None:
+            # keyed by layer: an activation-checkpoint recompute overwrites instead of duplicating
+            self._sink[self.layer_idx] = out
+        return out.router_logits, out.routing_weights, out.selected_experts
+
+    @abstractmethod
+    def route(self, h: Tensor) -> RouterOutput: ...
+
+    # -- helpers shared by the variants ----------------------------------------------------------------------
+    def _real_logits(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        n = self.num_experts
+        bias = self.bias[:n] if self.bias is not None else None
+        ecb = self.e_score_correction_bias[:n] if self.e_score_correction_bias is not None else None
+        return self.weight[:n], bias, ecb
+
+    def _original_route(self, h: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The family's own routing over the N real experts: ``(logits (T, N), weights (T, k), ids (T, k))``."""
+        weight, bias, ecb = self._real_logits()
+        logits = self.scoring.logits(h, weight, bias)  # (T, N)
+        idx, top_scores = self.scoring.select(logits, self.num_experts, k or self.top_k, ecb)
+        return logits, self.scoring.combine(top_scores, logits.dtype), idx
+
+    def _output(self, logits: Tensor, weights: Tensor, pool_idx: Tensor, skip: Tensor | None) -> RouterOutput:
+        if skip is None:
+            selected, weights = pool_idx, weights
+        else:
+            # NOTE: sentinel id N and weight 0: the experts never see the slot; no renorm after the drop.
+            selected = pool_idx.masked_fill(skip, self.num_experts)
+            weights = weights.masked_fill(skip, 0.0)
+        return RouterOutput(logits, weights, selected, pool_idx, self.num_experts, self.scoring.score_func)
+
+    def _pad_logits(self, logits: Tensor, pool: int) -> Tensor:
+        if logits.shape[-1] == pool:
+            return logits
+        pad = logits.new_full((logits.shape[0], pool - logits.shape[-1]), float("-inf"))
+        return torch.cat([logits, pad], dim=-1)  # (T, P)
+
+    def extra_repr(self) -> str:
+        return f"N={self.num_experts}, K={self.top_k}, pool={self.weight.shape[0]}, H={self.hidden_dim}"
+
+
+def gaussian_rows_like(rows: Tensor, n_new: int, generator: torch.Generator | None = None) -> Tensor:
+    """New rows drawn elementwise as ``mean_d + std_d * randn`` over the existing rows (ZEDA router init).
+
+    Works for a weight (N, H) and for a bias vector (N,) alike.
+    """
+    ref = rows.detach().float()
+    mean, std = ref.mean(dim=0), ref.std(dim=0) if ref.shape[0] > 1 else torch.zeros_like(ref[0])
+    noise = torch.randn((n_new, *ref.shape[1:]), generator=generator, device=ref.device)
+    return (mean + std * noise).to(rows.dtype)
+
+
+def copy_original_rows(router: BaseRouter, original: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Copy the original router's N rows exactly into ``weight``, ``bias`` and ``e_score_correction_bias``;
+    rows beyond N (zero experts) are sampled with :func:`gaussian_rows_like` from the original entries."""
+    n = router.num_experts
+    with torch.no_grad():
+        router.weight.data = router.weight.data.to(original.weight.dtype)
+        for name in ("weight", "bias", "e_score_correction_bias"):
+            new, old = getattr(router, name), getattr(original, name, None)
+            if new is None:
+                continue
+            new[:n].copy_(old)
+            if new.shape[0] > n:
+                new[n:].copy_(gaussian_rows_like(old, new.shape[0] - n, generator))
+
+
+class RoutingVariant(ABC):
+    """YAML-facing spec of a routing variant: hyperparameters only; dimensions come from the model."""
+
+    #: registry name, for notebooks and tests; YAML picks the class by ``class_path``.
+    name: ClassVar[str]
+
+    def validate(self, dims: MoEDims) -> None:
+        """Raise ``ValueError`` naming the problem and the fix; called for every block before any is changed."""
+
+    @abstractmethod
+    def make_router(self, dims: MoEDims, scoring: RouterScoring, **kw: Any) -> BaseRouter:
+        """Allocate the router module (``kw``: ``has_bias``, ``has_correction_bias`` from the original)."""
+
+    def init_router(self, router: BaseRouter, original: nn.Module, generator: torch.Generator | None) -> None:
+        """Fill a freshly allocated router from the original one (default: copy rows, sample the new ones)."""
+        copy_original_rows(router, original, generator)
+
+    def build(self, original: nn.Module, dims: MoEDims, scoring: RouterScoring, *, init: bool = True) -> BaseRouter:
+        """Router module replacing ``original``. ``init=False`` only allocates (weights come from a checkpoint)."""
+        router = self.make_router(
+            dims,
+            scoring,
+            has_bias=getattr(original, "bias", None) is not None,
+            has_correction_bias=getattr(original, "e_score_correction_bias", None) is not None,
+        )
+        router.to(device=original.weight.device)
+        if init and not original.weight.is_meta:
+            seed = getattr(self, "seed", None)
+            gen = None if seed is None else torch.Generator(device=original.weight.device).manual_seed(seed)
+            self.init_router(router, original, gen)
+        return router
+
+    def init_args(self) -> dict[str, Any]:
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self"}
+
+    def to_config(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+ROUTING_VARIANTS: dict[str, type[RoutingVariant]] = {}
+
+
+def register_routing(name: str):
+    """Class decorator adding a variant to the name registry."""
+
+    def wrap(cls: type[RoutingVariant]) -> type[RoutingVariant]:
+        if name in ROUTING_VARIANTS:
+            raise ValueError(f"routing variant {name!r} is already registered by {ROUTING_VARIANTS[name]}")
+        cls.name = name
+        ROUTING_VARIANTS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_routing(name: str, **kwargs: Any) -> RoutingVariant:
+    """Build a registered variant by name: ``get_routing("zero_experts", num_zero_experts=4)``."""
+    if name not in ROUTING_VARIANTS:
+        raise ValueError(f"unknown routing variant {name!r}; registered: {sorted(ROUTING_VARIANTS)}")
+    return ROUTING_VARIANTS[name](**kwargs)
+
+
+def routing_from_config(cfg: dict[str, Any]) -> RoutingVariant:
+    """Rebuild a variant from ``to_config()`` output (the ``zeda_routing`` entry of a saved ``config.json``)."""
+    import importlib
+
+    class_path = cfg.get("class_path", "")
+    module_name, _, cls_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import routing class_path {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, RoutingVariant)):
+        raise ValueError(f"{class_path!r} is not a RoutingVariant subclass")
+    return cls(**cfg.get("init_args", {}))
+
+
+def iter_routers(model: nn.Module):
+    """Injected routers in layer order."""
+    return (m for m in model.modules() if isinstance(m, BaseRouter))
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module):
+    """Collect each injected router's :class:`RouterOutput` during the forwards inside the block.
+
+    Yields a dict ``{layer_idx: RouterOutput}`` (last forward wins), so losses and metrics read routing without
+    any change to the model's outputs.
+    """
+    sink: dict[int, RouterOutput] = {}
+    routers = list(iter_routers(model))
+    for r in routers:
+        r._sink = sink
+    try:
+        yield sink
+    finally:
+        for r in routers:
+            r._sink = None

@@ -1,0 +1,73 @@
+"""ZEDA zero experts: N_Z parameter-free experts whose output is exactly 0, added to the router's pool.
+
+Paper: "Post-Trained MoE Can Skip Half Experts via Self-Distillation" (arXiv 2605.18643); details follow its code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from zeda_lightning.routing.base import (
+    BaseRouter,
+    MoEDims,
+    RouterOutput,
+    RoutingVariant,
+    register_routing,
+)
+
+
+class ZeroExpertRouter(BaseRouter):
+    """Family scoring over N + N_Z rows, top-K unchanged; zero slots become the sentinel with weight 0."""
+
+    def __init__(self, dims: MoEDims, scoring, num_zero_experts: int, mask_zero: bool, **kw) -> None:
+        super().__init__(dims, scoring, dims.num_experts + num_zero_experts, **kw)
+        self.num_zero_experts = num_zero_experts
+        #: True: zero experts can never be picked and the original op sequence runs (bit-identical teacher).
+        self.mask_zero = mask_zero
+        #: Additive bias on the zero-expert logits (inference compute knob; 0 during training).
+        self.zero_logit_bias = 0.0
+
+    def route(self, h: Tensor) -> RouterOutput:
+        n, pool = self.num_experts, self.weight.shape[0]
+        if self.mask_zero or self.num_zero_experts == 0:
+            logits, weights, idx = self._original_route(h)  # (T, N), (T, K), (T, K)
+            return self._output(self._pad_logits(logits, pool), weights, idx, None)
+        logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N + N_Z)
+        if self.zero_logit_bias:
+            logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
+        idx, top_scores = self.scoring.select(logits, n, self.top_k, self.e_score_correction_bias)  # (T, K)
+        # NOTE: the family's renorm runs over all K slots, zero slots included (ZEDA code), before the drop.
+        weights = self.scoring.combine(top_scores, logits.dtype)  # (T, K)
+        return self._output(logits, weights, idx, idx >= n)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, N_Z={self.num_zero_experts}, mask_zero={self.mask_zero}"
+
+
+@register_routing("zero_experts")
+class ZeroExperts(RoutingVariant):
+    """ZEDA zero experts.
+
+    Args:
+        num_zero_experts: N_Z extra router rows; ``None`` means N // 2 (the paper's setting).
+        mask_zero: start with zero experts masked (the model is then exactly the original).
+        seed: seed for the Gaussian init of the new router rows (``None``: torch's global RNG).
+    """
+
+    def __init__(self, num_zero_experts: int | None = None, mask_zero: bool = False, seed: int | None = None) -> None:
+        if num_zero_experts is not None and num_zero_experts < 0:
+            raise ValueError(
+                f"ZeroExperts: num_zero_experts must be >= 0, got {num_zero_experts}; "
+                "use None for the paper's N/2, or 0 for no zero experts"
+            )
+        self.num_zero_experts = num_zero_experts
+        self.mask_zero = mask_zero
+        self.seed = seed
+
+    def resolve_num_zero(self, dims: MoEDims) -> int:
+        return dims.num_experts // 2 if self.num_zero_experts is None else self.num_zero_experts
+
+    def make_router(self, dims: MoEDims, scoring, **kw) -> ZeroExpertRouter:
+        # NOTE: e_score_correction_bias grows N -> N + N_Z as N(mean, std) of the old entries and stays frozen.
+        return ZeroExpertRouter(dims, scoring, self.resolve_num_zero(dims), self.mask_zero, **kw)
