@@ -1,5 +1,6 @@
 """Losses as pure functions on tensors (fp32 inside, masked tokens ignored)."""
 
+from zeda_lightning.losses.kd import cross_entropy, forward_kl, jsd, reverse_kl, token_kl
 from zeda_lightning.losses.routing import (
     group_aux_loss,
     router_probs,
@@ -11,6 +12,11 @@ from zeda_lightning.losses.routing import (
 )
 
 __all__ = [
+    "cross_entropy",
+    "forward_kl",
+    "jsd",
+    "reverse_kl",
+    "token_kl",
     "group_aux_loss",
     "router_probs",
     "router_z_loss",

@@ -1,0 +1,53 @@
+"""``python -m zeda_lightning {fit,validate,test,predict} --config ...`` (LightningCLI), plus ``generate`` and
+``demo``. Modules and data modules are chosen by ``class_path`` in YAML."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from zeda_lightning.data.module import ZedaDataModule
+from zeda_lightning.modules.base import TrainModuleBase
+
+
+class ZedaCLI(LightningCLI):
+    """LightningCLI with checks before the trainer writes anything (config, logs, checkpoints)."""
+
+    def _preflight(self) -> None:
+        self.model.preflight(self.datamodule)
+
+    def before_fit(self) -> None:
+        self._preflight()
+
+    def before_validate(self) -> None:
+        self._preflight()
+
+    def before_test(self) -> None:
+        self._preflight()
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> ZedaCLI:
+    return ZedaCLI(
+        TrainModuleBase,
+        ZedaDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from zeda_lightning.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv and argv[0] == "generate":
+        from zeda_lightning.generate import main as generate_main
+
+        return generate_main(argv[1:])
+    cli_main(None if from_command_line else argv)

@@ -1,0 +1,231 @@
+"""``ZedaDataModule``: local jsonl / json / parquet / text files through ``datasets.load_dataset``.
+
+Row formats (one per file, detected per row):
+    {"text": ...}                          loss on every token (pretraining, KL on plain text)
+    {"prompt": ..., "response": ...}       loss on the response tokens only (stage-1 teacher samples)
+    {"messages": [{"role", "content"}]}    chat template applied; loss on the last assistant turn only
+Any row may carry ``"domain"`` (e.g. code / prose / math) for per-domain metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+IGNORE_INDEX = -100
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def _builder(path: str) -> str:
+    suffixes = [s for s in Path(path).suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    ext = suffixes[-1] if suffixes else ""
+    if ext not in _BUILDERS:
+        raise ValueError(f"{path}: unsupported data file type {ext!r}; use one of {sorted(_BUILDERS)} (optionally .gz)")
+    return _BUILDERS[ext]
+
+
+def _as_list(files: str | Sequence[str] | None) -> list[str]:
+    if files is None:
+        return []
+    return [files] if isinstance(files, str) else list(files)
+
+
+def load_rows(path: str):
+    """Load one local file with ``datasets`` and check every row names a known format; errors name file and line."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise ValueError(f"data file not found: {path}")
+    ds = datasets.load_dataset(_builder(path), data_files=path, split="train")
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the file has no rows; give a file with at least one row")
+    cols = set(ds.column_names)
+    if "text" in cols:
+        fields = ["text"]
+    elif {"prompt", "response"} <= cols:
+        fields = ["prompt", "response"]
+    elif "messages" in cols:
+        fields = ["messages"]
+    else:
+        raise ValueError(
+            f"{path}: rows need a 'text' field, or 'prompt' and 'response', or 'messages'; found columns {sorted(cols)}"
+        )
+    for field in fields:
+        for i, value in enumerate(ds[field]):
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                raise ValueError(f"{path}, line {i + 1}: missing or empty field {field!r}")
+    return ds
+
+
+class ZedaDataModule(L.LightningDataModule):
+    """Tokenised, masked batches for distillation and pretraining.
+
+    Args:
+        tokenizer: path of a transformers tokenizer (usually the teacher's directory).
+        train_files: training file(s): .jsonl/.json/.parquet/.txt, optionally gzipped.
+        val_files: validation file(s).
+        test_files: test file(s).
+        max_length: tokens per sequence; longer rows are truncated on the right.
+        packing: concatenate ``text`` rows of the same domain into full ``max_length`` blocks (pretraining); else
+            one row per sequence, padded per batch.
+        batch_size: sequences per training batch (per process).
+        eval_batch_size: sequences per validation / test batch (default: batch_size).
+        num_workers: DataLoader workers.
+        seed: seed of the training shuffle.
+        add_eos: append the tokenizer's EOS to every text / response.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        max_length: int = 256,
+        packing: bool = False,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        add_eos: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_path = tokenizer
+        self.files = {"train": _as_list(train_files), "val": _as_list(val_files), "test": _as_list(test_files)}
+        self.max_length = max_length
+        self.packing = packing
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.add_eos = add_eos
+        self.tokenizer = None
+        self.domains: list[str] = []
+        self.datasets: dict[str, Any] = {}
+        self._raw: dict[str, list] | None = None
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(self.tokenizer_path):
+            raise ValueError(f"tokenizer directory not found: {self.tokenizer_path}")
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def check(self) -> None:
+        """Load and validate every file and the tokenizer (no tokenisation yet): bad input fails here, early."""
+        if self._raw is not None:
+            return
+        if not any(self.files.values()):
+            raise ValueError("ZedaDataModule: no data files; set train_files / val_files / test_files")
+        self.tokenizer = self.tokenizer or self.load_tokenizer()
+        self._raw = {split: [(f, load_rows(f)) for f in files] for split, files in self.files.items()}
+        domains = set()
+        for parts in self._raw.values():
+            for _, ds in parts:
+                if "domain" in ds.column_names:
+                    domains.update(d for d in ds["domain"] if d)
+        self.domains = sorted(domains)
+
+    def prepare_data(self) -> None:
+        self.check()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check()
+        for split, parts in self._raw.items():
+            if parts and split not in self.datasets:
+                self.datasets[split] = self._tokenize(parts)
+
+    # -- tokenisation ------------------------------------------------------------------------------------------
+    def _encode_row(self, row: dict) -> tuple[list[int], list[int]]:
+        tok, eos = self.tokenizer, [self.tokenizer.eos_token_id] if self.add_eos else []
+        if row.get("text") is not None:
+            ids = tok(row["text"], add_special_tokens=False)["input_ids"] + eos
+            return ids, list(ids)
+        if row.get("prompt") is not None:
+            prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            response_ids = tok(row["response"], add_special_tokens=False)["input_ids"] + eos
+        else:
+            messages = row["messages"]
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("a 'messages' row must end with an assistant turn (the tokens trained on)")
+            prompt_text = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+            full_text = tok.apply_chat_template(messages, tokenize=False)
+            if not full_text.startswith(prompt_text):
+                raise ValueError("chat template: the conversation does not start with its generation prompt")
+            prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+            response_ids = tok(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+    def _tokenize(self, parts: list) -> list[dict[str, Any]]:
+        domain_idx = {d: i for i, d in enumerate(self.domains)}
+        rows = []
+        for _, ds in parts:
+            for row in ds:
+                ids, labels = self._encode_row(row)
+                rows.append({"input_ids": ids, "labels": labels, "domain": domain_idx.get(row.get("domain"), -1)})
+        if self.packing:
+            return self._pack(rows)
+        return [{k: (v[: self.max_length] if k != "domain" else v) for k, v in r.items()} for r in rows]
+
+    def _pack(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Concatenate rows per domain and cut full blocks (a block never mixes domains)."""
+        streams: dict[int, tuple[list[int], list[int]]] = {}
+        for r in rows:
+            ids, labels = streams.setdefault(r["domain"], ([], []))
+            ids += r["input_ids"]
+            labels += r["labels"]
+        blocks, n = [], self.max_length
+        for domain in sorted(streams):
+            ids, labels = streams[domain]
+            for i in range(0, len(ids) - n + 1, n):
+                blocks.append({"input_ids": ids[i : i + n], "labels": labels[i : i + n], "domain": domain})
+        return blocks
+
+    def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            input_ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            attention_mask[i, :n] = 1
+        domain = torch.tensor([b["domain"] for b in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain": domain}
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"ZedaDataModule: no {split} data; set {split}_files")
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            generator=gen,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            drop_last=split == "train" and self.packing,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

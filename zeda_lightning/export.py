@@ -1,0 +1,105 @@
+"""Save and rebuild models in transformers format, atomically, with the routing choice in ``config.json``.
+
+``export_model`` writes into a temporary sibling directory and renames it into place, so a crash never leaves a
+half-written export. ``from_pretrained`` rebuilds the family's model plus the injected routers from
+``config.zeda_routing`` with no remote code, and refuses pickle weight files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from zeda_lightning.adapters import CONFIG_KEY, inject
+from zeda_lightning.routing import routing_from_config
+
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def _check_export_target(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export path {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"export directory {out_dir} exists and is not empty; pass overwrite=True to replace it")
+
+
+def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: bool = False, state_dict=None) -> str:
+    """Write ``model`` (and ``tokenizer``) as a transformers directory at ``out_dir``, atomically."""
+    _check_export_target(out_dir, overwrite)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_model_dir(path: str) -> dict:
+    """Validate a transformers directory without loading weights; returns its ``config.json`` as a dict."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model directory not found: {path}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path} has no config.json; point to a transformers model directory")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        pickles = [p for pat in _PICKLE_PATTERNS for p in glob.glob(os.path.join(path, pat))]
+        if pickles:
+            raise ValueError(
+                f"{path} holds only pickle weight files {sorted(os.path.basename(p) for p in pickles)}; they are "
+                "refused (arbitrary code on load). Convert them to safetensors first."
+            )
+        raise ValueError(f"{path} has no *.safetensors weight files")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(shard))
+    return state
+
+
+def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """Load a causal LM from ``path``; a model saved with injected routing comes back with the same routers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = check_model_dir(path)
+    if CONFIG_KEY not in cfg:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    config = AutoConfig.from_pretrained(path)
+    routing = routing_from_config(getattr(config, CONFIG_KEY))
+    delattr(config, CONFIG_KEY)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    inject(model, routing, init=False)
+    state = _load_safetensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,68 @@
+"""Distillation losses as pure functions on logits (fp32 inside, per-token mean over unmasked positions).
+
+Shapes: logits (..., V) for student and teacher, ``mask`` (...) bool of positions that count (response tokens).
+With no position left every loss is 0. ``temperature`` divides both logits (the usual T^2 factor is left to the
+caller; with T = 1, the default, it does not matter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def token_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per position from log-probabilities ``(..., V)``; 0 * log 0 counts as 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """KL(teacher || student): mass-covering, the standard KD objective."""
+    return _masked_mean(token_kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)), mask)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """KL(student || teacher): mode-seeking, what on-policy distillation minimises."""
+    return _masked_mean(token_kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)), mask)
+
+
+def jsd(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, beta: float = 0.5, temperature: float = 1.0
+) -> Tensor:
+    """Generalised JSD (GKD): ``beta KL(T || M) + (1 - beta) KL(S || M)``, ``M = beta T + (1 - beta) S``.
+
+    beta -> 0 approaches forward KL's gradient direction, beta -> 1 reverse KL's (as in TRL's ``generalized_jsd_loss``);
+    beta = 0 and 1 are the exact forward and reverse KL.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
+    log_s, log_t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+    if beta == 0.0:
+        return _masked_mean(token_kl(log_t, log_s), mask)
+    if beta == 1.0:
+        return _masked_mean(token_kl(log_s, log_t), mask)
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
+    per_token = beta * token_kl(log_t, log_m) + (1 - beta) * token_kl(log_s, log_m)
+    return _masked_mean(per_token, mask)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Token-level CE on hard labels (already shifted), fp32; 0 when every label is ignored."""
+    mask = labels != ignore_index
+    per_token = F.cross_entropy(logits.float().flatten(0, -2), labels.clamp_min(0).flatten(), reduction="none")
+    return _masked_mean(per_token.view_as(labels), mask)
