@@ -73,33 +73,47 @@ def check_model_dir(path: str) -> dict:
         return json.load(f)
 
 
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_tensors(path: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
+    wanted, found = set(keys), {}
     for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        state.update(load_file(shard))
-    return state
+        with safe_open(shard, framework="pt") as f:
+            for key in wanted.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    return found
 
 
 def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """Load a causal LM from ``path``; a model saved with injected routing comes back with the same routers."""
+    """Load a causal LM from ``path``; a model saved with injected routing comes back with the same routers.
+
+    transformers loads everything it knows (with its own checkpoint conversions, e.g. per-expert weights fused into
+    3D tensors); the grown or added router tensors are then read from the safetensors files by key.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from zeda_lightning.adapters import routing_state_keys
 
     cfg = check_model_dir(path)
     if CONFIG_KEY not in cfg:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
     config = AutoConfig.from_pretrained(path)
     routing = routing_from_config(getattr(config, CONFIG_KEY))
     delattr(config, CONFIG_KEY)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the router shapes differ on purpose; they are filled right below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     inject(model, routing, init=False)
-    state = _load_safetensors(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    keys = routing_state_keys(model)
+    state = _load_tensors(path, keys)
+    missing = sorted(set(keys) - set(state))
+    if missing:
+        raise ValueError(f"{path}: routing config {routing} needs tensors missing from the checkpoint: {missing[:5]}")
+    model.load_state_dict(state, strict=False)
     return model.eval()

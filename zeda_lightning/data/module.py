@@ -42,7 +42,13 @@ def load_rows(path: str):
 
     if not os.path.isfile(path):
         raise ValueError(f"data file not found: {path}")
-    ds = datasets.load_dataset(_builder(path), data_files=path, split="train")
+    builder = _builder(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty; give a file with at least one row")
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as err:  # datasets raises many types for malformed files; name the file either way
+        raise ValueError(f"{path}: could not be read as {builder}: {type(err).__name__}: {err}") from err
     if len(ds) == 0:
         raise ValueError(f"{path}: the file has no rows; give a file with at least one row")
     cols = set(ds.column_names)

@@ -27,7 +27,7 @@ from zeda_lightning.losses import (
 )
 from zeda_lightning.metrics import GroupedRatio
 from zeda_lightning.modules.base import TrainModuleBase
-from zeda_lightning.routing import BaseRouter, RouterOutput, RoutingVariant, ZeroExperts, capture_routing, routing_from_config
+from zeda_lightning.routing import BaseRouter, ZeroExpertRouter, RouterOutput, RoutingVariant, ZeroExperts, capture_routing, routing_from_config
 
 Objective = Literal["sft", "forward_kl", "reverse_kl", "jsd"]
 AuxLoss = Literal["group", "switch", "none"]
@@ -126,6 +126,9 @@ class ZedaDistillModule(TrainModuleBase):
                 "teacher_mode='shared_weights' needs trainable='router_only' and ZeroExperts routing (the teacher is "
                 "the student with zero experts masked, so only router rows may change); use teacher_mode='separate'"
             )
+        if teacher_mode == "shared_weights" and student is not None:
+            raise ValueError("teacher_mode='shared_weights' derives the teacher from the student's own weights; "
+                             "it cannot start from a separate student checkpoint (use teacher_mode='separate')")
         if aux_loss == "group" and not isinstance(routing, ZeroExperts):
             raise ValueError(f"aux_loss='group' (L_GA) needs ZeroExperts routing, got {type(routing).__name__}; "
                              "use aux_loss='switch' or 'none'")
@@ -166,7 +169,11 @@ class ZedaDistillModule(TrainModuleBase):
             inject(student, self.routing)
         self.student = student.train()
         self._set_trainable()
-        if self.teacher_mode == "separate":
+        if self.teacher_mode == "shared_weights":
+            for router in self.student.modules():
+                if isinstance(router, ZeroExpertRouter):
+                    router.freeze_original_rows()
+        else:
             teacher = _load(self.teacher_path)
             teacher.requires_grad_(False)
             self.teacher = teacher.eval()

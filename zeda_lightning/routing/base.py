@@ -92,9 +92,12 @@ class BaseRouter(nn.Module):
         ecb = self.e_score_correction_bias[:n] if self.e_score_correction_bias is not None else None
         return self.weight[:n], bias, ecb
 
-    def _original_route(self, h: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The family's own routing over the N real experts: ``(logits (T, N), weights (T, k), ids (T, k))``."""
-        weight, bias, ecb = self._real_logits()
+    def _original_route(self, h: Tensor, k: int | None = None, rows=None) -> tuple[Tensor, Tensor, Tensor]:
+        """The family's own routing over the N real experts: ``(logits (T, N), weights (T, k), ids (T, k))``.
+
+        ``rows``: ``(weight, bias, correction_bias)`` to use instead of the live real-expert rows.
+        """
+        weight, bias, ecb = rows or self._real_logits()
         logits = self.scoring.logits(h, weight, bias)  # (T, N)
         idx, top_scores = self.scoring.select(logits, self.num_experts, k or self.top_k, ecb)
         return logits, self.scoring.combine(top_scores, logits.dtype), idx
@@ -134,7 +137,6 @@ def copy_original_rows(router: BaseRouter, original: nn.Module, generator: torch
     rows beyond N (zero experts) are sampled with :func:`gaussian_rows_like` from the original entries."""
     n = router.num_experts
     with torch.no_grad():
-        router.weight.data = router.weight.data.to(original.weight.dtype)
         for name in ("weight", "bias", "e_score_correction_bias"):
             new, old = getattr(router, name), getattr(original, name, None)
             if new is None:
@@ -170,6 +172,8 @@ class RoutingVariant(ABC):
             has_correction_bias=getattr(original, "e_score_correction_bias", None) is not None,
         )
         router.to(device=original.weight.device)
+        for p in router.parameters():  # router rows in the original's dtype; the correction bias stays fp32
+            p.data = p.data.to(original.weight.dtype)
         if init and not original.weight.is_meta:
             seed = getattr(self, "seed", None)
             gen = None if seed is None else torch.Generator(device=original.weight.device).manual_seed(seed)

@@ -27,11 +27,23 @@ class ZeroExpertRouter(BaseRouter):
         self.mask_zero = mask_zero
         #: Additive bias on the zero-expert logits (inference compute knob; 0 during training).
         self.zero_logit_bias = 0.0
+        self._frozen_rows: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+
+    def freeze_original_rows(self) -> None:
+        """Keep a copy of the current real-expert rows for the masked path, so the masked router stays the
+        original one while the live rows train (the shared-weights teacher). Costs N x H per layer."""
+        self._frozen_rows = tuple(None if t is None else t.detach().clone() for t in self._real_logits())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self._frozen_rows is not None:  # follow .to(device) like a buffer, outside the state dict
+            self._frozen_rows = tuple(None if t is None else fn(t) for t in self._frozen_rows)
+        return out
 
     def route(self, h: Tensor) -> RouterOutput:
         n, pool = self.num_experts, self.weight.shape[0]
         if self.mask_zero or self.num_zero_experts == 0:
-            logits, weights, idx = self._original_route(h)  # (T, N), (T, K), (T, K)
+            logits, weights, idx = self._original_route(h, rows=self._frozen_rows)  # (T, N), (T, K), (T, K)
             return self._output(self._pad_logits(logits, pool), weights, idx, None)
         logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N + N_Z)
         if self.zero_logit_bias:
