@@ -19,6 +19,8 @@ _EXPORTS = {
     "read_jsonl": "corpus",
     "train_tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",
+    "ZedaDataModule": "module",
+    "load_rows": "module",
 }
 
 __all__ = sorted(_EXPORTS)
