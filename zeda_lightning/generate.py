@@ -14,10 +14,10 @@ import tempfile
 import torch
 
 
-def _read_prompts(path: str, chat: bool, tokenizer) -> list[dict]:
+def _read_prompts(path: str, tokenizer) -> list[dict]:
     from zeda_lightning.data.module import load_rows
 
-    ds = load_rows(path)
+    ds = load_rows(path, prompts_only=True)
     rows = []
     for i, row in enumerate(ds):
         if row.get("messages") is not None:
@@ -72,7 +72,7 @@ def generate_responses(
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    rows = _read_prompts(prompts, chat=True, tokenizer=tok)
+    rows = _read_prompts(prompts, tok)
     lm = from_pretrained(model)
     limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
     encoded = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
@@ -113,4 +113,4 @@ def generate_responses(
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
-    print(json.dumps(auto_cli(generate_responses, args=argv)))
+    print(json.dumps(auto_cli(generate_responses, args=argv, as_positional=False)))

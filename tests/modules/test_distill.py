@@ -208,7 +208,7 @@ def test_empty_dataset_and_missing_field(tmp_path, tiny_teacher, tiny_data):
     assert not os.path.exists(root)
     nofield = write_jsonl(tmp_path / "nofield.jsonl", [{"body": "x"}])
     config, root = make_config(tmp_path, tiny_teacher, {"train": nofield, "val": tiny_data["val"]})
-    with pytest.raises(ValueError, match="nofield.jsonl: rows need a 'text' field"):
+    with pytest.raises(ValueError, match="nofield.jsonl: rows need 'text'"):
         cli_main(["fit", "--config", config])
 
 

@@ -36,8 +36,11 @@ def _as_list(files: str | Sequence[str] | None) -> list[str]:
     return [files] if isinstance(files, str) else list(files)
 
 
-def load_rows(path: str):
-    """Load one local file with ``datasets`` and check every row names a known format; errors name file and line."""
+def load_rows(path: str, prompts_only: bool = False):
+    """Load one local file with ``datasets`` and check every row names a known format; errors name file and line.
+
+    ``prompts_only``: rows for sampling (``prompt`` or ``messages`` without the answer, or ``text``).
+    """
     import datasets
 
     if not os.path.isfile(path):
@@ -52,20 +55,23 @@ def load_rows(path: str):
     if len(ds) == 0:
         raise ValueError(f"{path}: the file has no rows; give a file with at least one row")
     cols = set(ds.column_names)
-    if "text" in cols:
-        fields = ["text"]
-    elif {"prompt", "response"} <= cols:
-        fields = ["prompt", "response"]
-    elif "messages" in cols:
-        fields = ["messages"]
-    else:
-        raise ValueError(
-            f"{path}: rows need a 'text' field, or 'prompt' and 'response', or 'messages'; found columns {sorted(cols)}"
-        )
-    for field in fields:
-        for i, value in enumerate(ds[field]):
+    needed = "'text', 'prompt'" + ("" if prompts_only else " and 'response'") + " or 'messages'"
+    if not cols & {"text", "prompt", "messages"}:
+        raise ValueError(f"{path}: rows need {needed}; found columns {sorted(cols)}")
+    for i, row in enumerate(ds):
+        where = f"{path}, line {i + 1}"
+        if row.get("text") is not None:
+            fields = ["text"]
+        elif row.get("prompt") is not None:
+            fields = ["prompt"] if prompts_only else ["prompt", "response"]
+        elif row.get("messages") is not None:
+            fields = ["messages"]
+        else:
+            fields = ["text" if "text" in cols else "prompt" if "prompt" in cols else "messages"]
+        for field in fields:
+            value = row.get(field)
             if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-                raise ValueError(f"{path}, line {i + 1}: missing or empty field {field!r}")
+                raise ValueError(f"{where}: missing or empty field {field!r} (rows need {needed})")
     return ds
 
 
