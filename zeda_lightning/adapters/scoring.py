@@ -39,6 +39,10 @@ class RouterScoring(ABC):
         A mask: normalise over the masked slots only, always (null experts: renormalise over real experts).
         """
 
+    def gather_scores(self, logits: Tensor, indices: Tensor) -> Tensor:
+        """The scores :meth:`select` would return for the given ``indices`` (routing replay)."""
+        return torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1).gather(1, indices)
+
     def probs(self, logits: Tensor) -> Tensor:
         """A distribution over the pool, for thresholds (top-p); same rule as the aux losses use."""
         from zeda_lightning.losses.routing import router_probs
@@ -119,6 +123,9 @@ class SigmoidGroupScoring(RouterScoring):
         indices = torch.topk(scores_for_choice, k=k, dim=-1, sorted=False)[1]  # (T, k)
         return indices, scores.gather(1, indices)
 
+    def gather_scores(self, logits, indices):
+        return logits.sigmoid().gather(1, indices)
+
     def combine(self, top_scores, logits_dtype, norm_mask=None):
         weights = top_scores
         if norm_mask is not None:
@@ -136,6 +143,9 @@ class LogitTopKSoftmaxScoring(RouterScoring):
     def select(self, logits, num_real, k, correction_bias=None):
         top_value, indices = torch.topk(logits, k, dim=-1)  # (T, k)
         return indices, top_value
+
+    def gather_scores(self, logits, indices):
+        return logits.gather(1, indices)
 
     def combine(self, top_scores, logits_dtype, norm_mask=None):
         if norm_mask is None:

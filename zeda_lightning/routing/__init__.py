@@ -14,6 +14,7 @@ from zeda_lightning.routing.base import (
     get_routing,
     iter_routers,
     register_routing,
+    replay_routing,
     routing_from_config,
 )
 from zeda_lightning.routing.null_experts import NullExpertRouter, NullExperts
@@ -39,5 +40,6 @@ __all__ = [
     "get_routing",
     "iter_routers",
     "register_routing",
+    "replay_routing",
     "routing_from_config",
 ]

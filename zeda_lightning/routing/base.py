@@ -16,6 +16,7 @@ import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -72,20 +73,34 @@ class BaseRouter(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.layer_idx: int = -1
-        self._sink: dict[int, RouterOutput] | None = None
+        self._sink: Callable[[int, RouterOutput], None] | None = None
+        #: (T, K) pool ids to use instead of selecting (routing replay); -1 rows select as usual
+        self._replay: Tensor | None = None
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
         out = self.route(h)
         if self._sink is not None:
-            # keyed by layer: an activation-checkpoint recompute overwrites instead of duplicating
-            self._sink[self.layer_idx] = out
+            self._sink(self.layer_idx, out)
         return out.router_logits, out.routing_weights, out.selected_experts
 
     @abstractmethod
     def route(self, h: Tensor) -> RouterOutput: ...
 
     # -- helpers shared by the variants ----------------------------------------------------------------------
+    def _select(self, logits: Tensor, num_real: int, k: int, correction_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The family's selection, or the replayed ids with the scores the current logits give them."""
+        idx, top_scores = self.scoring.select(logits, num_real, k, correction_bias)  # (T, k)
+        if self._replay is None:
+            return idx, top_scores
+        replay = self._replay.to(idx.device)
+        if replay.shape != idx.shape:
+            raise ValueError(f"routing replay for layer {self.layer_idx} has shape {tuple(replay.shape)}, "
+                             f"the forward routes {tuple(idx.shape)}")
+        # NOTE: gradient flows through the scores of the replayed ids (the routing that produced the sample)
+        idx = torch.where(replay >= 0, replay, idx)
+        return idx, self.scoring.gather_scores(logits, idx)
+
     def _real_logits(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
         n = self.num_experts
         bias = self.bias[:n] if self.bias is not None else None
@@ -237,18 +252,42 @@ def iter_routers(model: nn.Module):
 
 
 @contextlib.contextmanager
-def capture_routing(model: nn.Module):
+def capture_routing(model: nn.Module, accumulate: bool = False):
     """Collect each injected router's :class:`RouterOutput` during the forwards inside the block.
 
-    Yields a dict ``{layer_idx: RouterOutput}`` (last forward wins), so losses and metrics read routing without
-    any change to the model's outputs.
+    Yields ``{layer_idx: RouterOutput}``: the last forward wins, so an activation-checkpoint recompute overwrites
+    instead of duplicating. ``accumulate=True`` yields ``{layer_idx: [RouterOutput, ...]}`` with one entry per
+    forward (incremental decoding: prefill, then one entry per generated token).
     """
-    sink: dict[int, RouterOutput] = {}
+    records: dict[int, Any] = {}
+
+    def put(layer: int, out: RouterOutput) -> None:
+        if accumulate:
+            records.setdefault(layer, []).append(out)
+        else:
+            records[layer] = out
+
     routers = list(iter_routers(model))
     for r in routers:
-        r._sink = sink
+        r._sink = put
     try:
-        yield sink
+        yield records
     finally:
         for r in routers:
             r._sink = None
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, selected: dict[int, Tensor]):
+    """Force each router to use the given pool ids ``{layer_idx: (T, K)}`` (-1 = select as usual)."""
+    routers = {r.layer_idx: r for r in iter_routers(model)}
+    missing = sorted(set(routers) - set(selected))
+    if missing:
+        raise ValueError(f"routing replay lacks layers {missing}")
+    for layer, r in routers.items():
+        r._replay = selected[layer]
+    try:
+        yield
+    finally:
+        for r in routers.values():
+            r._replay = None

@@ -42,7 +42,7 @@ class NullExpertRouter(BaseRouter):
         ecb = self.e_score_correction_bias
         if ecb is not None:  # selection bias for real experts only; null slots have none
             ecb = torch.cat([ecb, ecb.new_zeros(self.num_null)])
-        idx, top_scores = self.scoring.select(logits, n, self.top_k, ecb)  # (T, K)
+        idx, top_scores = self._select(logits, n, self.top_k, ecb)  # (T, K)
         real = idx < n
         # NOTE: renormalise over the selected real experts only; a token with every slot null gets exactly 0.
         weights = self.scoring.combine(top_scores, logits.dtype, norm_mask=real)

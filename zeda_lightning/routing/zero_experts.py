@@ -48,7 +48,7 @@ class ZeroExpertRouter(BaseRouter):
         logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N + N_Z)
         if self.zero_logit_bias:
             logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
-        idx, top_scores = self.scoring.select(logits, n, self.top_k, self.e_score_correction_bias)  # (T, K)
+        idx, top_scores = self._select(logits, n, self.top_k, self.e_score_correction_bias)  # (T, K)
         # NOTE: the family's renorm runs over all K slots, zero slots included (ZEDA code), before the drop.
         weights = self.scoring.combine(top_scores, logits.dtype)  # (T, K)
         return self._output(logits, weights, idx, idx >= n)
