@@ -91,6 +91,9 @@ class ZedaDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: seed of the training shuffle.
         add_eos: append the tokenizer's EOS to every text / response.
+        prompts: also build left-padded prompt tensors (``prompt_ids``, ``prompt_mask``) for on-policy sampling;
+            rows may then be prompt-only, and a ``text`` row's prompt is its first ``prompt_tokens`` tokens.
+        prompt_tokens: prompt length cut from ``text`` rows when ``prompts`` is on.
     """
 
     def __init__(
@@ -106,6 +109,8 @@ class ZedaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         add_eos: bool = True,
+        prompts: bool = False,
+        prompt_tokens: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,6 +123,10 @@ class ZedaDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.add_eos = add_eos
+        self.prompts = prompts
+        self.prompt_tokens = prompt_tokens
+        if prompts and packing:
+            raise ValueError("ZedaDataModule: prompts=True needs packing=False (one prompt per row)")
         self.tokenizer = None
         self.domains: list[str] = []
         self.datasets: dict[str, Any] = {}
@@ -141,7 +150,9 @@ class ZedaDataModule(L.LightningDataModule):
         if not any(self.files.values()):
             raise ValueError("ZedaDataModule: no data files; set train_files / val_files / test_files")
         self.tokenizer = self.tokenizer or self.load_tokenizer()
-        self._raw = {split: [(f, load_rows(f)) for f in files] for split, files in self.files.items()}
+        self._raw = {
+            split: [(f, load_rows(f, prompts_only=self.prompts)) for f in files] for split, files in self.files.items()
+        }
         domains = set()
         for parts in self._raw.values():
             for _, ds in parts:
@@ -159,13 +170,16 @@ class ZedaDataModule(L.LightningDataModule):
                 self.datasets[split] = self._tokenize(parts)
 
     # -- tokenisation ------------------------------------------------------------------------------------------
-    def _encode_row(self, row: dict) -> tuple[list[int], list[int]]:
+    def _encode_row(self, row: dict) -> tuple[list[int], list[int], int]:
+        """``(input_ids, labels, prompt length)``."""
         tok, eos = self.tokenizer, [self.tokenizer.eos_token_id] if self.add_eos else []
         if row.get("text") is not None:
             ids = tok(row["text"], add_special_tokens=False)["input_ids"] + eos
-            return ids, list(ids)
+            return ids, list(ids), min(self.prompt_tokens, len(ids))
         if row.get("prompt") is not None:
             prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            if not row.get("response"):  # a prompt-only row (on-policy sampling): nothing to learn from directly
+                return prompt_ids, [IGNORE_INDEX] * len(prompt_ids), len(prompt_ids)
             response_ids = tok(row["response"], add_special_tokens=False)["input_ids"] + eos
         else:
             messages = row["messages"]
@@ -177,18 +191,21 @@ class ZedaDataModule(L.LightningDataModule):
                 raise ValueError("chat template: the conversation does not start with its generation prompt")
             prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
             response_ids = tok(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, len(prompt_ids)
 
     def _tokenize(self, parts: list) -> list[dict[str, Any]]:
         domain_idx = {d: i for i, d in enumerate(self.domains)}
         rows = []
         for _, ds in parts:
             for row in ds:
-                ids, labels = self._encode_row(row)
-                rows.append({"input_ids": ids, "labels": labels, "domain": domain_idx.get(row.get("domain"), -1)})
+                ids, labels, prompt_len = self._encode_row(row)
+                rows.append({"input_ids": ids, "labels": labels, "domain": domain_idx.get(row.get("domain"), -1),
+                             "prompt_len": prompt_len})
         if self.packing:
             return self._pack(rows)
-        return [{k: (v[: self.max_length] if k != "domain" else v) for k, v in r.items()} for r in rows]
+        n = self.max_length
+        return [{**r, "input_ids": r["input_ids"][:n], "labels": r["labels"][:n], "prompt_len": min(r["prompt_len"], n)}
+                for r in rows]
 
     def _pack(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Concatenate rows per domain and cut full blocks (a block never mixes domains)."""
@@ -215,8 +232,17 @@ class ZedaDataModule(L.LightningDataModule):
             input_ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             attention_mask[i, :n] = 1
-        domain = torch.tensor([b["domain"] for b in batch], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain": domain}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+               "domain": torch.tensor([b["domain"] for b in batch], dtype=torch.long)}
+        if self.prompts:  # left-padded prompts, as decoder-only generation wants them
+            plen = max(b["prompt_len"] for b in batch)
+            out["prompt_ids"] = torch.full((len(batch), plen), pad, dtype=torch.long)
+            out["prompt_mask"] = torch.zeros((len(batch), plen), dtype=torch.long)
+            for i, b in enumerate(batch):
+                n = b["prompt_len"]
+                out["prompt_ids"][i, plen - n :] = torch.tensor(b["input_ids"][:n])
+                out["prompt_mask"][i, plen - n :] = 1
+        return out
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

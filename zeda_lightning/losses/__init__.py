@@ -1,6 +1,7 @@
 """Losses as pure functions on tensors (fp32 inside, masked tokens ignored)."""
 
 from zeda_lightning.losses.kd import cross_entropy, forward_kl, jsd, reverse_kl, token_kl
+from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage, sequence_logprobs
 from zeda_lightning.losses.routing import (
     group_aux_loss,
     router_probs,
@@ -15,6 +16,9 @@ __all__ = [
     "cross_entropy",
     "forward_kl",
     "jsd",
+    "ppo_clip_loss",
+    "reverse_kl_advantage",
+    "sequence_logprobs",
     "reverse_kl",
     "token_kl",
     "group_aux_loss",

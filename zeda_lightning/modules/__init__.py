@@ -2,6 +2,7 @@
 
 from zeda_lightning.modules.base import TrainModuleBase
 from zeda_lightning.modules.distill import ZedaDistillModule, zero_experts_masked
+from zeda_lightning.modules.opd import OnPolicyDistillModule
 from zeda_lightning.modules.pretrain import LMPretrainModule
 
-__all__ = ["LMPretrainModule", "TrainModuleBase", "ZedaDistillModule", "zero_experts_masked"]
+__all__ = ["LMPretrainModule", "OnPolicyDistillModule", "TrainModuleBase", "ZedaDistillModule", "zero_experts_masked"]

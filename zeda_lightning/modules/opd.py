@@ -1,0 +1,255 @@
+"""``OnPolicyDistillModule``: ZEDA stage 2, on-policy distillation with the teacher as the reward.
+
+Each training step: the student samples ``num_samples`` responses per prompt (transformers ``generate``, KV cache,
+temperature 1), recording its expert choices; the frozen teacher scores prompt + response in one forward; the loss
+is PPO-clip with the per-token advantage ``log pi_T(y_t) - log pi_S_old(y_t)`` (no KL or entropy term) plus L_GA.
+Routing replay (on by default, as in the paper) makes the training forward reuse the sampler's expert choices.
+Because the teacher is local, ``exact_reverse_kl`` can use the full distributions at every sampled position instead
+of the single-sample estimate; ``lmbda < 1`` mixes in off-policy batches (GKD style) trained with ``objective``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from zeda_lightning.losses import ppo_clip_loss, reverse_kl_advantage, sequence_logprobs, token_kl
+from zeda_lightning.modules.distill import ZedaDistillModule, _zero_ratio, zero_experts_masked
+from zeda_lightning.routing import capture_routing, replay_routing
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip left padding, as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class OnPolicyDistillModule(ZedaDistillModule):
+    """Args (beyond :class:`ZedaDistillModule`'s):
+    num_samples: responses sampled per prompt (paper: 2).
+    max_new_tokens: most tokens per sampled response.
+    temperature: sampling temperature (paper: 1).
+    top_p: nucleus threshold for sampling (1 = off).
+    clip_eps: PPO clip below 1 (and above, unless ``clip_eps_high``).
+    clip_eps_high: PPO clip above 1 (asymmetric, DAPO style); ``None`` = ``clip_eps``.
+    exact_reverse_kl: minimise the exact per-position reverse KL on the student's samples instead of PPO-clip.
+    routing_replay: train on the expert choices made while sampling.
+    rollout_reuse: optimiser steps per rollout (1 = nearly exactly on-policy, the paper); > 1 makes PPO's ratio move.
+    lmbda: probability that a step is on-policy; otherwise the batch's own prompt + response rows are used with
+        ``objective`` (GKD's mix).
+    seed: seed of the sampler and of the on/off-policy draw.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        num_samples: int = 2,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        exact_reverse_kl: bool = False,
+        routing_replay: bool = True,
+        rollout_reuse: int = 1,
+        lmbda: float = 1.0,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (responses per prompt), got {num_samples}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1] (share of on-policy steps), got {lmbda}")
+        if rollout_reuse < 1:
+            raise ValueError(f"rollout_reuse must be >= 1, got {rollout_reuse}")
+        kwargs.setdefault("objective", "reverse_kl")
+        super().__init__(*args, **kwargs)
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
+        self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
+        self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
+        self._rollout: dict[str, Any] | None = None
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    @override
+    def preflight(self, datamodule=None) -> None:
+        super().preflight(datamodule)
+        if datamodule is None:
+            return
+        if not getattr(datamodule, "prompts", False):
+            raise ValueError("on-policy distillation samples from prompts: set data.init_args.prompts: true")
+        datamodule.setup("fit")
+        context = self.teacher_cfg.get("max_position_embeddings")
+        longest = max((r["prompt_len"] for r in datamodule.datasets.get("train", [])), default=0)
+        if context is not None and longest + self.max_new_tokens > context:
+            raise ValueError(
+                f"prompts of up to {longest} tokens + max_new_tokens={self.max_new_tokens} exceed the model's context "
+                f"of {context} tokens; lower data.init_args.max_length / prompt_tokens or max_new_tokens"
+            )
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    def _special_ids(self) -> tuple[int, int]:
+        """``(pad, eos)`` from the generation config, else the tokenizer shipped with the teacher."""
+        if not hasattr(self, "_pad_eos"):
+            cfg = self.student.generation_config
+            pad, eos = cfg.pad_token_id, cfg.eos_token_id
+            if pad is None or eos is None:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(self.teacher_path)
+                eos = tok.eos_token_id if eos is None else eos
+                pad = (tok.pad_token_id if tok.pad_token_id is not None else eos) if pad is None else pad
+            eos = eos[0] if isinstance(eos, list) else eos
+            if eos is None:
+                raise ValueError(f"{self.teacher_path}: no eos token id in the generation config or tokenizer")
+            self._pad_eos = (int(pad), int(eos))
+        return self._pad_eos
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int | None = None) -> dict[str, Tensor]:
+        """Student rollouts with their recorded routing.
+
+        Returns ``input_ids`` (R, P + G), ``attention_mask`` (R, P + G), ``response_mask`` (R, G) (tokens up to and
+        including the first EOS), ``prompt_len`` P, ``replay`` ``{layer: (R * (P + G), K)}`` (-1 where the sampler
+        never routed: the last token), ``tokens_per_s``; R = B * num_samples.
+        """
+        student = self.student
+        was_training = student.training
+        student.eval()
+        pad, eos = self._special_ids()
+        gen = torch.Generator(device="cpu").manual_seed(self.seed if seed is None else seed)
+        start = time.perf_counter()
+        with capture_routing(student, accumulate=True) as records, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            seq = student.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
+                top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples,
+                pad_token_id=pad, eos_token_id=eos,
+            )
+        elapsed = time.perf_counter() - start
+        student.train(was_training)
+        plen = prompt_ids.shape[1]
+        rows, total = seq.shape
+        response = seq[:, plen:]  # (R, G)
+        is_eos = (response == eos).long()
+        response_mask = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first EOS
+        attention_mask = torch.cat([prompt_mask.repeat_interleave(self.num_samples, 0), response_mask.long()], dim=1)
+        replay = {}
+        for layer, outs in records.items():
+            ids = torch.cat([o.pool_indices.view(rows, -1, o.top_k) for o in outs], dim=1)  # (R, P + G - 1, K)
+            pad_ids = ids.new_full((rows, total - ids.shape[1], ids.shape[2]), -1)
+            replay[layer] = torch.cat([ids, pad_ids], dim=1).reshape(rows * total, -1)
+        return {
+            "input_ids": seq,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "prompt_len": plen,
+            "replay": replay,
+            "tokens_per_s": float(response_mask.sum()) / max(elapsed, 1e-9),
+        }
+
+    def _forward_student(self, rollout: dict[str, Any]):
+        ctx = replay_routing(self.student, rollout["replay"]) if self.routing_replay else contextlib.nullcontext()
+        batch = {"input_ids": rollout["input_ids"], "attention_mask": rollout["attention_mask"]}
+        with ctx, capture_routing(self.student) as records:
+            logits = self.student(**batch, position_ids=_positions(batch["attention_mask"])).logits
+        return logits, dict(records)
+
+    @torch.no_grad()
+    def _teacher_logits(self, rollout: dict[str, Any]) -> Tensor:
+        am = rollout["attention_mask"]
+        kwargs = {"input_ids": rollout["input_ids"], "attention_mask": am, "position_ids": _positions(am)}
+        if self.teacher is not None:
+            return self.teacher(**kwargs).logits
+        with zero_experts_masked(self.student):
+            return self.student(**kwargs).logits
+
+    def make_rollout(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Sample, then score: teacher log-probs and the sampler's (old) log-probs of the sampled tokens."""
+        rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=self.seed + self.global_step)
+        p = rollout["prompt_len"]
+        response = rollout["input_ids"][:, p:]
+        teacher_logits = self._teacher_logits(rollout)[:, p - 1 : -1]  # (R, G, V) predicting the response
+        with torch.no_grad():
+            old_logits = self._forward_student(rollout)[0][:, p - 1 : -1]
+        rollout["teacher_logp"] = sequence_logprobs(teacher_logits, response)
+        rollout["old_logp"] = sequence_logprobs(old_logits, response)
+        rollout["teacher_log_probs"] = torch.log_softmax(teacher_logits.float(), -1)
+        return rollout
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def _on_policy(self) -> bool:
+        if self.lmbda >= 1.0:
+            return True
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        return bool(torch.rand((), generator=gen) < self.lmbda)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        if not self._on_policy():
+            return self._shared_step(batch, "train")
+        if self._rollout is None or self.global_step % self.rollout_reuse == 0:
+            self._rollout = self.make_rollout(batch)
+        rollout = self._rollout
+        p = rollout["prompt_len"]
+        mask = rollout["response_mask"]
+        logits, records = self._forward_student(rollout)
+        s_logits = logits[:, p - 1 : -1]  # (R, G, V)
+        log_s = torch.log_softmax(s_logits.float(), -1)
+        log_t = rollout["teacher_log_probs"]
+        exact_rkl = token_kl(log_s, log_t)  # (R, G) per-position reverse KL with full distributions
+        if self.exact_reverse_kl:
+            m = mask.float()
+            policy_loss = (exact_rkl * m).sum() / m.sum().clamp_min(1.0)
+            clip_fraction = torch.zeros(())
+        else:
+            logp = log_s.gather(-1, rollout["input_ids"][:, p:].unsqueeze(-1)).squeeze(-1)
+            adv = reverse_kl_advantage(rollout["teacher_logp"], rollout["old_logp"])
+            policy_loss, clip_fraction = ppo_clip_loss(logp, rollout["old_logp"], adv, mask, self.clip_eps, self.clip_eps_high)
+        token_mask = rollout["attention_mask"].reshape(-1).bool()
+        aux = self.aux_loss(records, token_mask)
+        loss = policy_loss + aux
+        bs = rollout["input_ids"].shape[0]
+        m = mask.float()
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/policy_loss", policy_loss, batch_size=bs)
+        self.log("train/aux_loss", aux, batch_size=bs)
+        self.log("train/reverse_kl", ((exact_rkl * m).sum() / m.sum().clamp_min(1.0)).detach(), prog_bar=True, batch_size=bs)
+        self.log("train/reverse_kl_estimate", ((rollout["old_logp"] - rollout["teacher_logp"]) * m).sum() / m.sum().clamp_min(1.0), batch_size=bs)
+        self.log("train/clip_fraction", clip_fraction, batch_size=bs)
+        self.log("train/zero_ratio", _zero_ratio(records, token_mask), prog_bar=True, batch_size=bs)
+        self.log("train/sampling_tokens_per_s", rollout["tokens_per_s"], batch_size=bs)
+        self.log("train/response_tokens", m.sum() / bs, batch_size=bs)
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def heldout_reverse_kl(self, batch: dict[str, Tensor], seed: int = 1234) -> tuple[Tensor, Tensor]:
+        """Exact reverse KL to the teacher on the student's own samples for ``batch``'s prompts, and the zero ratio
+        of those forwards: ``(mean KL per response token, zero ratio)``."""
+        rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=seed)
+        p = rollout["prompt_len"]
+        with replay_routing(self.student, rollout["replay"]) if self.routing_replay else contextlib.nullcontext():
+            with capture_routing(self.student) as records:
+                am = rollout["attention_mask"]
+                s_logits = self.student(input_ids=rollout["input_ids"], attention_mask=am, position_ids=_positions(am)).logits
+        t_logits = self._teacher_logits(rollout)
+        kl = token_kl(torch.log_softmax(s_logits[:, p - 1 : -1].float(), -1), torch.log_softmax(t_logits[:, p - 1 : -1].float(), -1))
+        m = rollout["response_mask"].float()
+        return (kl * m).sum() / m.sum().clamp_min(1.0), _zero_ratio(dict(records), am.reshape(-1).bool())
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        if "prompt_ids" in batch:
+            kl, zero = self.heldout_reverse_kl(batch, seed=1234 + batch_idx)
+            bs = batch["prompt_ids"].shape[0]
+            self.log("val/reverse_kl", kl, batch_size=bs)
+            self.log("val/sampled_zero_ratio", zero, batch_size=bs)
