@@ -138,3 +138,10 @@ def test_double_injection_refused():
     model = inject(tiny_model("qwen3_moe"), ZeroExperts())
     with pytest.raises(ValueError, match="already has injected routers"):
         inject(model, ZeroExperts())
+
+
+def test_output_router_logits_config_does_not_break_injected_model():
+    model = inject(tiny_model("qwen3_moe", output_router_logits=True), ZeroExperts(seed=0))
+    ids = torch.randint(0, 128, (2, 8))
+    out = model(ids, labels=ids)  # transformers' own balance loss would find no router logits of its class
+    assert torch.isfinite(out.loss) and model.config.output_router_logits is False

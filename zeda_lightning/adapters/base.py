@@ -124,6 +124,10 @@ def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> n
         setattr(block, adapter.router_attr, router)
         install_sentinel_skip(block.experts)
     setattr(model.config, CONFIG_KEY, routing.to_config())
+    if getattr(model.config, "output_router_logits", False):
+        # transformers records router logits only from its own router classes, and its balance loss would then
+        # see none; routing is read through capture_routing instead (and balanced by zeda_lightning.losses)
+        model.config.output_router_logits = False
     return model
 
 

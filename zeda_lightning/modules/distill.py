@@ -175,6 +175,7 @@ class ZedaDistillModule(TrainModuleBase):
                     router.freeze_original_rows()
         else:
             teacher = _load(self.teacher_path)
+            teacher.config.output_router_logits = False  # inference only: no balance loss to compute
             teacher.requires_grad_(False)
             self.teacher = teacher.eval()
         self._build_metrics()

@@ -98,4 +98,6 @@ class LMPretrainModule(TrainModuleBase):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.tokenizer_path) if self.tokenizer_path else None
+        if getattr(self.model.config, "output_router_logits", False):
+            self.model.config.output_router_logits = False  # a training-time switch; the export is for inference
         return self.model, tok
