@@ -8,6 +8,7 @@ missed. The experts' weights and classes are untouched; no modeling file is fork
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any, ClassVar
 
@@ -24,19 +25,24 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 class FamilyAdapter:
-    """Protocol of one model family (keyed by ``config.model_type``)."""
+    """Protocol of one model family (keyed by ``config.model_type``). A family file sets the class attributes;
+    override the methods only where a family needs more."""
 
     model_type: ClassVar[str]
+    #: ``module:Class`` of the family's original router, imported lazily
+    router_path: ClassVar[str]
+    #: the family's scoring rule
+    scoring_cls: ClassVar[type[RouterScoring]]
     #: attribute of the MoE block that holds the router
     router_attr: ClassVar[str] = "gate"
 
     def router_class(self) -> type[nn.Module]:
-        """The family's original router class (imported lazily)."""
-        raise NotImplementedError
+        module, _, name = self.router_path.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def scoring(self, router: nn.Module) -> RouterScoring:
         """The family's exact scoring rule, read off an original router instance."""
-        raise NotImplementedError
+        return self.scoring_cls.from_router(router)
 
     def dims(self, router: nn.Module) -> MoEDims:
         return MoEDims(hidden_size=router.hidden_dim, num_experts=router.num_experts, top_k=router.top_k)
@@ -67,7 +73,7 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
             f"unknown MoE family {model_type!r}: supported model types are {sorted(ADAPTERS)}. "
             "To add one, write zeda_lightning/adapters/<model_type>.py with a FamilyAdapter subclass (router class, "
             "router attribute, scoring rule) decorated with @register_adapter, and import it in "
-            "zeda_lightning/adapters/__init__.py; adapters/qwen3_moe.py is the smallest example."
+            "zeda_lightning/adapters/__init__.py; adapters/mixtral.py is a complete example."
         )
     return ADAPTERS[model_type]
 

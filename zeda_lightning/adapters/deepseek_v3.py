@@ -8,11 +8,5 @@ from zeda_lightning.adapters.scoring import SigmoidGroupScoring
 @register_adapter
 class DeepseekV3Adapter(FamilyAdapter):
     model_type = "deepseek_v3"
-
-    def router_class(self):
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
-
-        return DeepseekV3TopkRouter
-
-    def scoring(self, router):
-        return SigmoidGroupScoring(router.num_group, router.topk_group, router.routed_scaling_factor, router.norm_topk_prob)
+    router_path = "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter"
+    scoring_cls = SigmoidGroupScoring

@@ -8,11 +8,5 @@ from zeda_lightning.adapters.scoring import SigmoidGroupScoring
 @register_adapter
 class Glm4MoeLiteAdapter(FamilyAdapter):
     model_type = "glm4_moe_lite"
-
-    def router_class(self):
-        from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteTopkRouter
-
-        return Glm4MoeLiteTopkRouter
-
-    def scoring(self, router):
-        return SigmoidGroupScoring(router.num_group, router.topk_group, router.routed_scaling_factor, router.norm_topk_prob)
+    router_path = "transformers.models.glm4_moe_lite.modeling_glm4_moe_lite:Glm4MoeLiteTopkRouter"
+    scoring_cls = SigmoidGroupScoring

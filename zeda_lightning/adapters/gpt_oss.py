@@ -8,12 +8,6 @@ from zeda_lightning.adapters.scoring import LogitTopKSoftmaxScoring
 @register_adapter
 class GptOssAdapter(FamilyAdapter):
     model_type = "gpt_oss"
+    router_path = "transformers.models.gpt_oss.modeling_gpt_oss:GptOssTopKRouter"
+    scoring_cls = LogitTopKSoftmaxScoring
     router_attr = "router"
-
-    def router_class(self):
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
-
-        return GptOssTopKRouter
-
-    def scoring(self, router):
-        return LogitTopKSoftmaxScoring()

@@ -7,11 +7,5 @@ from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
 @register_adapter
 class OlmoeAdapter(FamilyAdapter):
     model_type = "olmoe"
-
-    def router_class(self):
-        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
-
-        return OlmoeTopKRouter
-
-    def scoring(self, router):
-        return SoftmaxTopKScoring(norm_topk_prob=router.norm_topk_prob)
+    router_path = "transformers.models.olmoe.modeling_olmoe:OlmoeTopKRouter"
+    scoring_cls = SoftmaxTopKScoring

@@ -8,11 +8,5 @@ from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
 @register_adapter
 class Qwen2MoeAdapter(FamilyAdapter):
     model_type = "qwen2_moe"
-
-    def router_class(self):
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
-
-        return Qwen2MoeTopKRouter
-
-    def scoring(self, router):
-        return SoftmaxTopKScoring(norm_topk_prob=router.norm_topk_prob)
+    router_path = "transformers.models.qwen2_moe.modeling_qwen2_moe:Qwen2MoeTopKRouter"
+    scoring_cls = SoftmaxTopKScoring

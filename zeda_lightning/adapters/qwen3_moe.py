@@ -8,11 +8,5 @@ from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
 @register_adapter
 class Qwen3MoeAdapter(FamilyAdapter):
     model_type = "qwen3_moe"
-
-    def router_class(self):
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
-
-        return Qwen3MoeTopKRouter
-
-    def scoring(self, router):
-        return SoftmaxTopKScoring(norm_topk_prob=router.norm_topk_prob)
+    router_path = "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter"
+    scoring_cls = SoftmaxTopKScoring

@@ -7,11 +7,5 @@ from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
 @register_adapter
 class Qwen3NextAdapter(FamilyAdapter):
     model_type = "qwen3_next"
-
-    def router_class(self):
-        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextTopKRouter
-
-        return Qwen3NextTopKRouter
-
-    def scoring(self, router):
-        return SoftmaxTopKScoring(norm_topk_prob=router.norm_topk_prob)
+    router_path = "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextTopKRouter"
+    scoring_cls = SoftmaxTopKScoring

@@ -22,6 +22,11 @@ class RouterScoring(ABC):
     #: How the aux losses turn logits into a distribution over the pool: "softmax" or "sigmoid".
     score_func: str = "softmax"
 
+    @classmethod
+    def from_router(cls, router) -> RouterScoring:
+        """The rule with the settings an original router instance carries."""
+        return cls()
+
     def logits(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(h, weight, bias)  # (T, P)
 
@@ -67,6 +72,11 @@ class SoftmaxTopKScoring(RouterScoring):
         # Qwen casts the fp32 weights back to the logits dtype; Mixtral keeps them in fp32.
         self.cast_weights = cast_weights
 
+    @classmethod
+    def from_router(cls, router) -> SoftmaxTopKScoring:
+        return cls(norm_topk_prob=router.norm_topk_prob)
+
+
     def select(self, logits, num_real, k, correction_bias=None):
         router_probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)  # (T, P)
         top_value, indices = torch.topk(router_probs, k, dim=-1)  # (T, k)
@@ -80,6 +90,14 @@ class SoftmaxTopKScoring(RouterScoring):
         else:
             weights = top_scores
         return weights.to(logits_dtype) if self.cast_weights else weights
+
+
+class MixtralScoring(SoftmaxTopKScoring):
+    """Mixtral: always renormalised over the k slots, weights kept in fp32."""
+
+    @classmethod
+    def from_router(cls, router) -> MixtralScoring:
+        return cls(norm_topk_prob=True, cast_weights=False)
 
 
 class SigmoidGroupScoring(RouterScoring):
@@ -97,6 +115,10 @@ class SigmoidGroupScoring(RouterScoring):
         self.topk_group = topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.norm_topk_prob = norm_topk_prob
+
+    @classmethod
+    def from_router(cls, router) -> SigmoidGroupScoring:
+        return cls(router.num_group, router.topk_group, router.routed_scaling_factor, router.norm_topk_prob)
 
     def logits(self, h, weight, bias=None):
         return F.linear(h.type(torch.float32), weight.type(torch.float32))  # (T, P) fp32
