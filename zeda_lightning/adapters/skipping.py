@@ -6,7 +6,7 @@ it only on their expert-parallel path (otherwise skipped rows stay uninitialised
 eager one-hot has no class for it. So instead of trusting each kernel, a pre-hook drops the skipped (token, slot)
 pairs before the experts run and a post-hook scatters the results back:
 
-    kept (S' pairs) -> experts(hidden[tok] (S', H), ids (S', 1), weights (S', 1)) -> (S', H) -> (T, K, H).sum(K)
+    kept (S' pairs) -> experts(hidden[tok] (S', H), ids (S', 1), weights (S', 1)) -> (S', H) -> summed per token
 
 Every implementation then computes exactly S' rows, with no sentinel in sight. When no slot is skipped the call
 passes through untouched, so a model with nothing skipped runs the original path bit for bit.
@@ -60,8 +60,13 @@ class SentinelSkip:
         hidden_dim = output.shape[-1]
         if empty:
             return output.new_zeros(num_tokens, hidden_dim)
-        buf = output.new_zeros(num_tokens * k, hidden_dim).index_copy(0, flat, output)  # (T*K, H)
-        # per-token sum over the K slots in slot order, as the grouped/batched kernels reduce
+        if output.device.type == "cpu":
+            # NOTE: CPU index_add_ is sequential: kept slots are added per token in slot order, the same sum the
+            # grouped/batched kernels form over K (skipped slots add exact zeros there), at a fraction of the cost
+            return output.new_zeros(num_tokens, hidden_dim).index_add_(0, flat // k, output)  # (T, H)
+        # accelerators: atomics would make index_add_ order-dependent, so scatter into slots and reduce over K
+        buf = output.new_zeros(num_tokens * k, hidden_dim)
+        buf[flat] = output  # (T*K, H)
         return buf.view(num_tokens, k, hidden_dim).sum(dim=1)  # (T, H)
 
 
