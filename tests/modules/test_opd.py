@@ -1,0 +1,88 @@
+"""On-policy distillation: routing replay, a short run that lowers reverse KL, and bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+from tests.modules.test_distill import make_config, read_metrics, series
+from zeda_lightning import ZeroExperts, inject
+from zeda_lightning.cli import cli_main
+from zeda_lightning.data.module import ZedaDataModule
+from zeda_lightning.export import export_model, from_pretrained
+from zeda_lightning.modules import OnPolicyDistillModule
+from zeda_lightning.modules.opd import _positions
+from zeda_lightning.routing import capture_routing, replay_routing
+
+
+def opd_config(tmp_path, teacher, data, *, student=None, steps=8, **model_args):
+    path, root = make_config(tmp_path, teacher, data, steps=steps, lr=3e-3,
+                             model_class="zeda_lightning.modules.OnPolicyDistillModule", **model_args)
+    cfg = yaml.safe_load(open(path))
+    init = cfg["model"]["init_args"]
+    init.pop("objective")
+    init.update({"num_samples": 2, "max_new_tokens": 12, "student": student})
+    cfg["data"]["init_args"].update({"prompts": True, "prompt_tokens": 8, "batch_size": 4})
+    cfg["trainer"]["limit_val_batches"] = 2
+    open(path, "w").write(yaml.safe_dump(cfg))
+    return path, root
+
+
+@pytest.fixture(scope="module")
+def stage1_student(tmp_path_factory, tiny_teacher):
+    """A 'stage-1' student: the teacher with zero experts, routing perturbed so it differs from the teacher."""
+    out = tmp_path_factory.mktemp("stage1") / "student"
+    model = inject(from_pretrained(tiny_teacher), ZeroExperts(seed=0))
+    for r in model.modules():
+        if hasattr(r, "zero_logit_bias"):
+            with torch.no_grad():
+                r.weight[8:] += 0.3 * torch.randn_like(r.weight[8:])
+    from transformers import AutoTokenizer
+
+    export_model(model, str(out), AutoTokenizer.from_pretrained(tiny_teacher))
+    return str(out)
+
+
+def _prompts(tiny_teacher, tiny_data, n=8):
+    dm = ZedaDataModule(tokenizer=tiny_teacher, val_files=tiny_data["val"], prompts=True, prompt_tokens=8, max_length=48)
+    dm.setup("validate")
+    return dm.collate(dm.datasets["val"][:n])
+
+
+def test_routing_replay_reproduces_sampler_indices(tiny_teacher, tiny_data, stage1_student):
+    module = OnPolicyDistillModule(teacher=tiny_teacher, student=stage1_student, routing=ZeroExperts(seed=0),
+                                   max_new_tokens=10)
+    module.configure_model()
+    batch = _prompts(tiny_teacher, tiny_data, n=4)
+    rollout = module.sample(batch["prompt_ids"], batch["prompt_mask"], seed=0)
+    am = rollout["attention_mask"]
+    with torch.no_grad(), replay_routing(module.student, rollout["replay"]), capture_routing(module.student) as rec:
+        module.student(input_ids=rollout["input_ids"], attention_mask=am, position_ids=_positions(am))
+    assert set(rec) == set(rollout["replay"])
+    for layer, replay in rollout["replay"].items():
+        routed = replay[:, 0] >= 0  # every position but the last token, which the sampler never fed back
+        assert routed.sum() == rollout["input_ids"].numel() - rollout["input_ids"].shape[0]
+        assert torch.equal(rec[layer].pool_indices[routed], replay[routed])
+
+
+def test_opd_bad_input(tmp_path, tiny_teacher, tiny_data, stage1_student):
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        OnPolicyDistillModule(teacher=tiny_teacher, num_samples=0)
+    config, root = opd_config(tmp_path, tiny_teacher, tiny_data, student=stage1_student, max_new_tokens=120)
+    cfg = yaml.safe_load(open(config))
+    cfg["model"]["init_args"]["max_new_tokens"] = 125
+    open(config, "w").write(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        cli_main(["fit", "--config", config])
+    assert not os.path.exists(root)
+    config, root = opd_config(tmp_path, tiny_teacher, tiny_data, student=stage1_student)
+    cfg = yaml.safe_load(open(config))
+    cfg["model"]["init_args"]["routing"] = {"class_path": "zeda_lightning.routing.NullExperts", "init_args": {"rho": 0.5}}
+    cfg["model"]["init_args"]["aux_loss"] = "switch"
+    open(config, "w").write(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="was trained with routing"):
+        cli_main(["fit", "--config", config])
+    assert not os.path.exists(root)
