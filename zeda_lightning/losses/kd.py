@@ -32,17 +32,20 @@ def token_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 class _ChunkedForwardKL(torch.autograd.Function):
-    """Per-position KL(teacher || student) over row chunks, saving only the two logits tensors.
+    """Per-position KL(teacher || student) over chunks of positions, saving only the two logits tensors.
 
-    The plain formula keeps about six (T, V) fp32 temporaries alive for backward; here the gradient
-    ``(softmax(s/T) - softmax(t/T)) / T`` is rebuilt chunk by chunk. The teacher gets no gradient.
+    The plain formula keeps about six (B, S, V) fp32 temporaries alive for backward; here the gradient
+    ``(softmax(s/T) - softmax(t/T)) / T`` is rebuilt chunk by chunk. Inputs are (B, S, V) views (a shifted slice
+    ``logits[:, :-1]`` is not copied). The teacher gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, t: Tensor, temperature: float, chunk: int) -> Tensor:  # (N, V), (N, V) -> (N,)
-        out = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)
-        for i in range(0, s.shape[0], chunk):
-            out[i : i + chunk] = token_kl(_log_probs(t[i : i + chunk], temperature), _log_probs(s[i : i + chunk], temperature))
+    def forward(ctx, s: Tensor, t: Tensor, temperature: float, chunk: int) -> Tensor:  # (B, S, V) x2 -> (B, S)
+        out = torch.empty(s.shape[:2], dtype=torch.float32, device=s.device)
+        for b in range(s.shape[0]):
+            for i in range(0, s.shape[1], chunk):
+                sl = slice(i, i + chunk)
+                out[b, sl] = token_kl(_log_probs(t[b, sl], temperature), _log_probs(s[b, sl], temperature))
         ctx.save_for_backward(s, t)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -52,24 +55,27 @@ class _ChunkedForwardKL(torch.autograd.Function):
         s, t = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(s)
-        for i in range(0, s.shape[0], chunk):
-            ps = F.softmax(s[i : i + chunk].float() / temperature, dim=-1)
-            pt = F.softmax(t[i : i + chunk].float() / temperature, dim=-1)
-            grad[i : i + chunk] = ((ps - pt) * (grad_out[i : i + chunk, None] / temperature)).to(s.dtype)
+        for b in range(s.shape[0]):
+            for i in range(0, s.shape[1], chunk):
+                sl = slice(i, i + chunk)
+                ps = F.softmax(s[b, sl].float() / temperature, dim=-1)
+                pt = F.softmax(t[b, sl].float() / temperature, dim=-1)
+                grad[b, sl] = ((ps - pt) * (grad_out[b, sl, None] / temperature)).to(s.dtype)
         return grad, None, None, None
 
 
 def forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0,
-    chunk: int = 1024,
+    chunk: int = 256,
 ) -> Tensor:
     """KL(teacher || student): mass-covering, the standard KD objective. Computed in chunks of ``chunk`` positions
     with a hand-written backward (same value and gradient as the plain formula, a fraction of the memory)."""
-    vocab = student_logits.shape[-1]
-    per_token = _ChunkedForwardKL.apply(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), temperature, chunk
-    )
-    return _masked_mean(per_token.view(student_logits.shape[:-1]), mask)
+    shape = student_logits.shape
+    s = student_logits.reshape(-1, *shape[-2:]) if student_logits.dim() != 3 else student_logits
+    t = teacher_logits.detach()
+    t = t.reshape(-1, *shape[-2:]) if t.dim() != 3 else t
+    per_token = _ChunkedForwardKL.apply(s, t, temperature, chunk)  # (B, S)
+    return _masked_mean(per_token.view(shape[:-1]), mask)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
