@@ -82,6 +82,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from _timing import PairedTiming, time_paired  # bench/ is on sys.path when a bench runs as a script
 from zeda_lightning.losses import cross_entropy
 from zeda_lightning.modules import ZedaDistillModule
 from zeda_lightning.modules.distill import check_teacher_dir
@@ -227,44 +228,6 @@ def zero_share(module: ZedaDistillModule, batch: dict[str, Tensor]) -> float:
 # -- step time ---------------------------------------------------------------------------------------------------
 
 
-def _wall_s(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@dataclass
-class StepTiming:
-    student_s: float  # median over every baseline step
-    step_s: dict[str, float]  # variant -> median seconds
-    ratio: dict[str, float]  # variant -> median of (variant step / mean of the two baseline steps around it)
-
-
-def time_interleaved(baseline: Callable[[], object], variants: dict[str, Callable[[], object]], reps: int,
-                     warmup: int, rng: random.Random) -> StepTiming:
-    """Rounds of ``baseline, v_a, baseline, v_b, baseline`` (variants shuffled); paired ratios, medians."""
-    base_s: list[float] = []
-    step_s: dict[str, list[float]] = {name: [] for name in variants}
-    ratios: dict[str, list[float]] = {name: [] for name in variants}
-    for rnd in range(warmup + reps):
-        order = list(variants)
-        rng.shuffle(order)
-        before = _wall_s(baseline)
-        timed = rnd >= warmup
-        if timed:
-            base_s.append(before)
-        for name in order:
-            t = _wall_s(variants[name])
-            after = _wall_s(baseline)
-            if timed:
-                step_s[name].append(t)
-                ratios[name].append(t / ((before + after) / 2))
-                base_s.append(after)
-            before = after
-    med = statistics.median
-    return StepTiming(med(base_s), {n: med(v) for n, v in step_s.items()}, {n: med(v) for n, v in ratios.items()})
-
-
 def phase_times(runner: Runner, batch: dict[str, Tensor]) -> dict[str, float]:
     """One step split into phases (seconds), through the module's override points for a distill runner."""
     module, out, mark = runner.module, {}, time.perf_counter()
@@ -305,24 +268,24 @@ def phase_breakdown(runners: dict[str, Runner], batch: dict[str, Tensor], reps: 
     return {name: {ph: statistics.median(l[ph] for l in runs) for ph in runs[0]} for name, runs in laps.items()}
 
 
-def bench_time(teacher: str, batch: dict[str, Tensor], args: argparse.Namespace) -> tuple[StepTiming, dict, float]:
+def bench_time(teacher: str, batch: dict[str, Tensor], args: argparse.Namespace) -> tuple[PairedTiming, dict, float]:
     make = lambda objective, kind: make_runner(  # noqa: E731
         teacher, objective, args.trainable, args.teacher_mode, kind, args.lr)
     runners = {"student": make("sft", "plain"), "forward_kl": make("forward_kl", "distill"), "sft": make("sft", "distill")}
     share = zero_share(runners["forward_kl"].module, batch)
     run = {name: (lambda r=r: r.step(batch)) for name, r in runners.items()}
-    timing = time_interleaved(run.pop("student"), run, args.reps, args.warmup, random.Random(args.seed))
+    timing = time_paired(run.pop("student"), run, args.reps, args.warmup, random.Random(args.seed))
     phases = phase_breakdown(runners, batch, args.phase_reps) if args.phase_reps > 0 else {}
     return timing, phases, share
 
 
-def print_time(timing: StepTiming, phases: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+def print_time(timing: PairedTiming, phases: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     print(f"\nstep time (trainable={args.trainable}, teacher_mode={args.teacher_mode}, lr={args.lr}, "
           f"median of {args.reps} rounds after {args.warmup} warm-up)")
-    print(f"  {'student (plain CE)':<22} {timing.student_s * 1e3:9.1f} ms   1.000x")
-    for name in timing.step_s:
+    print(f"  {'student (plain CE)':<22} {timing.baseline_s * 1e3:9.1f} ms   1.000x")
+    for name in timing.seconds:
         tag = f"  target <= {TARGET_STEP_RATIO}" if name == "forward_kl" else ""
-        print(f"  {'distill ' + name:<22} {timing.step_s[name] * 1e3:9.1f} ms   {timing.ratio[name]:.3f}x{tag}")
+        print(f"  {'distill ' + name:<22} {timing.seconds[name] * 1e3:9.1f} ms   {timing.ratio[name]:.3f}x{tag}")
     if not phases:
         return
     names = ["student_forward", "teacher_forward", "loss", "backward", "optimizer"]
@@ -486,16 +449,16 @@ def print_mem(mem: MemResult, args: argparse.Namespace) -> None:
 # -- main --------------------------------------------------------------------------------------------------------
 
 
-def summary(timing: StepTiming | None, share: float | None, mem: MemResult | None, teacher_src: str,
+def summary(timing: PairedTiming | None, share: float | None, mem: MemResult | None, teacher_src: str,
             args: argparse.Namespace) -> dict:
     out: dict = {}
     if timing is not None:
         out |= {
             "step_time_ratio_forward_kl": round(timing.ratio["forward_kl"], 4),
             "step_time_ratio_sft": round(timing.ratio["sft"], 4),
-            "student_step_s": round(timing.student_s, 4),
-            "distill_step_s": round(timing.step_s["forward_kl"], 4),
-            "sft_step_s": round(timing.step_s["sft"], 4),
+            "student_step_s": round(timing.baseline_s, 4),
+            "distill_step_s": round(timing.seconds["forward_kl"], 4),
+            "sft_step_s": round(timing.seconds["sft"], 4),
             "meets_step_time_target": timing.ratio["forward_kl"] <= TARGET_STEP_RATIO,
             "student_zero_slot_share": round(share, 4),
         }

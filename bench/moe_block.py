@@ -46,7 +46,6 @@ import copy
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +56,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3MoeConfig
 
+from _timing import PairedTiming, time_paired  # bench/ is on sys.path when a bench runs as a script
 from zeda_lightning import ZeroExperts, inject
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter
 
@@ -224,59 +224,18 @@ def make_variants(router: ZeroExpertRouter, h: Tensor, tol: float) -> list[Varia
 
 
 @dataclass
-class Timing:
-    original_ms: float  # median over every original run
-    ms: dict[str, float]  # variant label -> median ms
-    ratio: dict[str, float]  # variant label -> median of (variant run / mean of the two original runs around it)
-
-
-def time_alternating(original: Callable[[], object], variants: dict[str, Callable[[], object]], reps: int,
-                     warmup: int, rng: random.Random) -> Timing:
-    """Each round runs ``original, v_a, original, v_b, ..., original`` with the variants in a fresh random order.
-
-    Every variant run is paired with the original runs right before and after it, so a slow stretch of the
-    machine (other processes on 2 shared cores) hits both sides of the ratio.
-    """
-    orig_ms: list[float] = []
-    ms: dict[str, list[float]] = {name: [] for name in variants}
-    ratios: dict[str, list[float]] = {name: [] for name in variants}
-    for rnd in range(warmup + reps):
-        order = list(variants)
-        rng.shuffle(order)
-        before = _wall_ms(original)
-        for name in order:
-            t = _wall_ms(variants[name])
-            after = _wall_ms(original)
-            if rnd >= warmup:
-                ms[name].append(t)
-                ratios[name].append(t / ((before + after) / 2))
-                orig_ms.append(before)
-            before = after
-        if rnd >= warmup:
-            orig_ms.append(before)
-    med = statistics.median
-    return Timing(med(orig_ms), {n: med(v) for n, v in ms.items()}, {n: med(v) for n, v in ratios.items()})
-
-
-def _wall_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-@dataclass
 class ImplResult:
     impl: str
     tokens: int
-    timing: Timing
+    timing: PairedTiming
     realised: dict[str, float]  # variant label -> realised zero ratio
 
     @property
     def original_ms(self) -> float:
-        return self.timing.original_ms
+        return self.timing.baseline_s * 1e3
 
     def ms(self, label: str) -> float:
-        return self.timing.ms[label]
+        return self.timing.seconds[label] * 1e3
 
     def ratio(self, label: str) -> float:
         return self.timing.ratio[label]
@@ -305,7 +264,7 @@ def bench_impl(impl: str, models: tuple[PreTrainedModel, PreTrainedModel], x: Te
     for v in variants:
         v.apply(router)
         realised[v.label] = zero_ratio(router, x.reshape(-1, x.shape[-1]))
-    return ImplResult(impl, x.shape[1], time_alternating(run_original, runs, args.reps, args.warmup, rng), realised)
+    return ImplResult(impl, x.shape[1], time_paired(run_original, runs, args.reps, args.warmup, rng), realised)
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -337,7 +296,7 @@ def summary(results: list[ImplResult], args: argparse.Namespace) -> dict:
         "fastest_ratio_at_0.5": round(fastest.ratio("0.5"), 4),
         "by_impl": {r.impl: {l: round(r.ratio(l), 4) for l in r.timing.ratio} for r in results},
         "original_ms": {r.impl: round(r.original_ms, 3) for r in results},
-        "variant_ms": {r.impl: {l: round(ms, 3) for l, ms in r.timing.ms.items()} for r in results},
+        "variant_ms": {r.impl: {l: round(sec * 1e3, 3) for l, sec in r.timing.seconds.items()} for r in results},
         "realised_zero_ratio": {r.impl: {l: round(z, 4) for l, z in r.realised.items()} for r in results},
         "tokens": args.tokens,
         "tokens_by_impl": {r.impl: r.tokens for r in results},
