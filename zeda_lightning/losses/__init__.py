@@ -1,6 +1,6 @@
 """Losses as pure functions on tensors (fp32 inside, masked tokens ignored)."""
 
-from zeda_lightning.losses.kd import cross_entropy, forward_kl, jsd, reverse_kl, token_kl
+from zeda_lightning.losses.kd import cross_entropy, forward_kl, jsd, masked_mean, reverse_kl, token_kl
 from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage, sequence_logprobs
 from zeda_lightning.losses.routing import (
     group_aux_loss,
@@ -16,6 +16,7 @@ __all__ = [
     "cross_entropy",
     "forward_kl",
     "jsd",
+    "masked_mean",
     "ppo_clip_loss",
     "reverse_kl_advantage",
     "sequence_logprobs",

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+def masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the positions where ``mask`` is true; 0 when none is."""
     if mask is None:
         return per_token.mean()
     mask = mask.to(per_token.dtype)
@@ -75,12 +76,12 @@ def forward_kl(
     t = teacher_logits.detach()
     t = t.reshape(-1, *shape[-2:]) if t.dim() != 3 else t
     per_token = _ChunkedForwardKL.apply(s, t, temperature, chunk)  # (B, S)
-    return _masked_mean(per_token.view(shape[:-1]), mask)
+    return masked_mean(per_token.view(shape[:-1]), mask)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """KL(student || teacher): mode-seeking, what on-policy distillation minimises."""
-    return _masked_mean(token_kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)), mask)
+    return masked_mean(token_kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)), mask)
 
 
 def jsd(
@@ -95,16 +96,16 @@ def jsd(
         raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
     log_s, log_t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
     if beta == 0.0:
-        return _masked_mean(token_kl(log_t, log_s), mask)
+        return masked_mean(token_kl(log_t, log_s), mask)
     if beta == 1.0:
-        return _masked_mean(token_kl(log_s, log_t), mask)
+        return masked_mean(token_kl(log_s, log_t), mask)
     log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
     per_token = beta * token_kl(log_t, log_m) + (1 - beta) * token_kl(log_s, log_m)
-    return _masked_mean(per_token, mask)
+    return masked_mean(per_token, mask)
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Token-level CE on hard labels (already shifted), fp32; 0 when every label is ignored."""
     mask = labels != ignore_index
     per_token = F.cross_entropy(logits.float().flatten(0, -2), labels.clamp_min(0).flatten(), reduction="none")
-    return _masked_mean(per_token.view_as(labels), mask)
+    return masked_mean(per_token.view_as(labels), mask)

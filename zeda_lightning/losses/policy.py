@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zeda_lightning.losses.kd import masked_mean
+
 
 def reverse_kl_advantage(teacher_logp: Tensor, old_logp: Tensor) -> Tensor:
     """``A_t = log pi_T(y_t) - log pi_S_old(y_t)`` (no gradient)."""
@@ -35,11 +37,8 @@ def ppo_clip_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    m = mask.float()
-    n = m.sum().clamp_min(1.0)
-    loss = (per_token * m).sum() / n
-    clip_fraction = ((clipped < unclipped).float() * m).sum() / n
-    return loss, clip_fraction.detach()
+    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
+    return masked_mean(per_token, mask), clip_fraction.detach()
 
 
 def sequence_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

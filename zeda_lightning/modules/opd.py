@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from zeda_lightning.losses import ppo_clip_loss, reverse_kl_advantage, sequence_logprobs, token_kl
+from zeda_lightning.losses import masked_mean, ppo_clip_loss, reverse_kl_advantage, sequence_logprobs, token_kl
 from zeda_lightning.modules.distill import ZedaDistillModule, _zero_ratio, zero_experts_masked
 from zeda_lightning.routing import capture_routing, replay_routing
 
@@ -206,8 +206,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         log_t = rollout["teacher_log_probs"]
         exact_rkl = token_kl(log_s, log_t)  # (R, G) per-position reverse KL with full distributions
         if self.exact_reverse_kl:
-            m = mask.float()
-            policy_loss = (exact_rkl * m).sum() / m.sum().clamp_min(1.0)
+            policy_loss = masked_mean(exact_rkl, mask)
             clip_fraction = torch.zeros(())
         else:
             logp = log_s.gather(-1, rollout["input_ids"][:, p:].unsqueeze(-1)).squeeze(-1)
@@ -217,16 +216,15 @@ class OnPolicyDistillModule(ZedaDistillModule):
         aux = self.aux_loss(records, token_mask)
         loss = policy_loss + aux
         bs = rollout["input_ids"].shape[0]
-        m = mask.float()
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/policy_loss", policy_loss, batch_size=bs)
         self.log("train/aux_loss", aux, batch_size=bs)
-        self.log("train/reverse_kl", ((exact_rkl * m).sum() / m.sum().clamp_min(1.0)).detach(), prog_bar=True, batch_size=bs)
-        self.log("train/reverse_kl_estimate", ((rollout["old_logp"] - rollout["teacher_logp"]) * m).sum() / m.sum().clamp_min(1.0), batch_size=bs)
+        self.log("train/reverse_kl", masked_mean(exact_rkl, mask).detach(), prog_bar=True, batch_size=bs)
+        self.log("train/reverse_kl_estimate", masked_mean(rollout["old_logp"] - rollout["teacher_logp"], mask), batch_size=bs)
         self.log("train/clip_fraction", clip_fraction, batch_size=bs)
         self.log("train/zero_ratio", _zero_ratio(records, token_mask), prog_bar=True, batch_size=bs)
         self.log("train/sampling_tokens_per_s", rollout["tokens_per_s"], batch_size=bs)
-        self.log("train/response_tokens", m.sum() / bs, batch_size=bs)
+        self.log("train/response_tokens", mask.sum().float() / bs, batch_size=bs)
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -236,14 +234,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
         of those forwards: ``(mean KL per response token, zero ratio)``."""
         rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=seed)
         p = rollout["prompt_len"]
-        with replay_routing(self.student, rollout["replay"]) if self.routing_replay else contextlib.nullcontext():
-            with capture_routing(self.student) as records:
-                am = rollout["attention_mask"]
-                s_logits = self.student(input_ids=rollout["input_ids"], attention_mask=am, position_ids=_positions(am)).logits
+        s_logits, records = self._forward_student(rollout)
         t_logits = self._teacher_logits(rollout)
         kl = token_kl(torch.log_softmax(s_logits[:, p - 1 : -1].float(), -1), torch.log_softmax(t_logits[:, p - 1 : -1].float(), -1))
-        m = rollout["response_mask"].float()
-        return (kl * m).sum() / m.sum().clamp_min(1.0), _zero_ratio(dict(records), am.reshape(-1).bool())
+        token_mask = rollout["attention_mask"].reshape(-1).bool()
+        return masked_mean(kl, rollout["response_mask"]), _zero_ratio(records, token_mask)
 
     @override
     def validation_step(self, batch, batch_idx):
