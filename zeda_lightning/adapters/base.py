@@ -126,9 +126,11 @@ def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> n
         router.layer_idx = _layer_index(name, i)
         plans.append((block, router))
     # -- nothing above changed the model; from here on, swap -------------------------------------------------
+    skip_hooks = []
     for block, router in plans:
         setattr(block, adapter.router_attr, router)
-        install_sentinel_skip(block.experts)
+        skip_hooks.append(install_sentinel_skip(block.experts))
+    routing.connect([router for _, router in plans], skip_hooks)
     setattr(model.config, CONFIG_KEY, routing.to_config())
     if getattr(model.config, "output_router_logits", False):
         # transformers records router logits only from its own router classes, and its balance loss would then

@@ -10,6 +10,9 @@ pairs before the experts run and a post-hook scatters the results back:
 
 Every implementation then computes exactly S' rows, with no sentinel in sight. When no slot is skipped the call
 passes through untouched, so a model with nothing skipped runs the original path bit for bit.
+
+Zero-GEMM experts with a non-zero output (MoE++ copy / constant experts) are sentinel slots too; their router hands
+the weighted sum of their outputs, (T, H), to :meth:`SentinelSkip.set_addend` and the post-hook adds it once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ class SentinelSkip:
         self.num_experts = int(experts.num_experts)
         self._names = list(inspect.signature(type(experts).forward).parameters)[1:4]
         self._ctx: tuple[int, int, Tensor, bool] | None = None
+        self._addend: Tensor | None = None
+
+    def set_addend(self, addend: Tensor | None) -> None:
+        """A (T, H) term to add to the next experts output (zero-GEMM experts' weighted outputs), or None."""
+        self._addend = addend
 
     def _unpack(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
         values = list(args) + [kwargs[n] for n in self._names[len(args):]]
@@ -53,6 +61,13 @@ class SentinelSkip:
         return (hidden[tok], ids.unsqueeze(1), w.unsqueeze(1)), {}
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor):
+        addend, self._addend = self._addend, None
+        out = self._scatter_back(output)
+        if addend is None:
+            return out
+        return (output if out is None else out) + addend.to(output.dtype)
+
+    def _scatter_back(self, output: Tensor) -> Tensor | None:
         if self._ctx is None:
             return None
         num_tokens, k, flat, empty = self._ctx

@@ -18,14 +18,22 @@ from zeda_lightning.routing.base import (
     routing_from_config,
 )
 from zeda_lightning.routing.null_experts import NullExpertRouter, NullExperts
+from zeda_lightning.routing.adamoe import AdaMoE
+from zeda_lightning.routing.longcat_bias import LongCatBias, LongCatBiasRouter
+from zeda_lightning.routing.moe_plus_plus import MoEPlusPlus, MoEPlusPlusRouter
 from zeda_lightning.routing.static_topk import StaticTopK, StaticTopKRouter
 from zeda_lightning.routing.top_p import TopP, TopPRouter
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
 __all__ = [
     "ROUTING_VARIANTS",
+    "AdaMoE",
     "BaseRouter",
+    "LongCatBias",
+    "LongCatBiasRouter",
     "MoEDims",
+    "MoEPlusPlus",
+    "MoEPlusPlusRouter",
     "NullExpertRouter",
     "NullExperts",
     "RouterOutput",

@@ -195,6 +195,10 @@ class RoutingVariant(ABC):
             self.init_router(router, original, gen)
         return router
 
+    def connect(self, routers: list[BaseRouter], skip_hooks: list) -> None:
+        """Called by ``inject`` after the swap with the new routers in layer order and their experts' skip hooks
+        (``SentinelSkip``): variants with cross-layer state or zero-GEMM outputs (MoE++) wire themselves here."""
+
     def init_args(self) -> dict[str, Any]:
         params = inspect.signature(type(self).__init__).parameters
         return {k: getattr(self, k) for k in params if k != "self"}
