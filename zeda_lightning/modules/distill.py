@@ -164,33 +164,88 @@ class ZedaDistillModule(TrainModuleBase):
     def configure_model(self) -> None:
         if self.student is not None:
             return
+        from zeda_lightning import sharding
+
+        trainer = getattr(self, "_trainer", None)
+        kind = sharding.strategy_kind(trainer) if trainer is not None else None
+        if kind == "fsdp2":
+            self._configure_fsdp2(sharding.data_parallel_mesh(self), *sharding.param_dtypes(trainer))
+        else:
+            self._configure_local()
+            if kind == "fsdp1":
+                self._wrap_fsdp1()
+        self._build_metrics()
+
+    def _configure_local(self) -> None:
+        """One full copy of each model per process (single device, DDP, or before FSDP1 wraps it)."""
         student = _load(self.student_path or self.teacher_path)
         if not any(isinstance(m, BaseRouter) for m in student.modules()):
             inject(student, self.routing)
         self.student = student.train()
-        self._set_trainable()
+        self._set_trainable(self.student)
+        if self.activation_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.teacher_mode == "shared_weights":
-            for router in self.student.modules():
-                if isinstance(router, ZeroExpertRouter):
-                    router.freeze_original_rows()
+            self._freeze_original_rows()
         else:
             teacher = _load(self.teacher_path)
             teacher.config.output_router_logits = False  # inference only: no balance loss to compute
             teacher.requires_grad_(False)
             self.teacher = teacher.eval()
-        self._build_metrics()
 
-    def _set_trainable(self) -> None:
-        routers = [m for m in self.student.modules() if isinstance(m, BaseRouter)]
-        if self.trainable == "full":
-            self.student.requires_grad_(True)
+    def _configure_fsdp2(self, mesh, storage: torch.dtype, compute: torch.dtype | None) -> None:
+        """Student and teacher built on the meta device, sharded per decoder layer, filled shard by shard.
+
+        The teacher is kept outside the module tree: checkpoints, the optimiser and Lightning's device moves never
+        see it (it is re-read from its safetensors on resume), and with bf16 compute it is stored in bf16 (no master
+        weights to keep for a frozen model).
+        """
+        from zeda_lightning import sharding
+
+        self.student = sharding.load_sharded(
+            self.student_path or self.teacher_path, mesh, routing=self.routing, dtype=storage, compute_dtype=compute,
+            activation_checkpointing=self.activation_checkpointing, configure=self._set_trainable,
+        ).train()
+        if self.teacher_mode == "shared_weights":
+            with sharding.gathered(self.student):
+                self._freeze_original_rows()
             return
-        self.student.requires_grad_(False)
+        teacher = sharding.load_sharded(self.teacher_path, mesh, dtype=compute or storage, compute_dtype=compute)
+        teacher.config.output_router_logits = False
+        teacher.requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher.eval())  # not a submodule (see docstring)
+
+    def _wrap_fsdp1(self) -> None:
+        """FSDPStrategy (FSDP1): wrap each decoder layer, then each model, with the strategy's settings."""
+        from torch.distributed.fsdp.wrap import wrap
+
+        from zeda_lightning.sharding import decoder_layers
+
+        for name in ("student", "teacher"):
+            model = getattr(self, name)
+            if model is None:
+                continue
+            layers = decoder_layers(model)
+            for i in range(len(layers)):
+                layers[i] = wrap(layers[i])
+            setattr(self, name, wrap(model))
+
+    def _freeze_original_rows(self) -> None:
+        for router in self.student.modules():
+            if isinstance(router, ZeroExpertRouter):
+                router.freeze_original_rows()
+
+    def _set_trainable(self, model: nn.Module) -> None:
+        routers = [m for m in model.modules() if isinstance(m, BaseRouter)]
+        if self.trainable == "full":
+            model.requires_grad_(True)
+            return
+        model.requires_grad_(False)
         for r in routers:
             r.requires_grad_(True)
         if self.trainable == "router_and_experts":
-            adapter = adapter_for(self.student)
-            for _, block in adapter.find_blocks(self.student):
+            adapter = adapter_for(model)
+            for _, block in adapter.find_blocks(model):
                 block.experts.requires_grad_(True)
 
     def _build_metrics(self) -> None:
@@ -270,10 +325,11 @@ class ZedaDistillModule(TrainModuleBase):
         zero_ratio = _zero_ratio(records, token_mask)
         if stage == "train":
             bs = batch["input_ids"].shape[0]
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-            self.log("train/distill_loss", distill, batch_size=bs)
-            self.log("train/aux_loss", aux, batch_size=bs)
-            self.log("train/zero_ratio", zero_ratio, prog_bar=True, batch_size=bs)
+            # NOTE: averaged over processes, so a sharded run logs the same curve as one process with its global batch
+            self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+            self.log("train/distill_loss", distill, batch_size=bs, sync_dist=True)
+            self.log("train/aux_loss", aux, batch_size=bs, sync_dist=True)
+            self.log("train/zero_ratio", zero_ratio, prog_bar=True, batch_size=bs, sync_dist=True)
         else:
             self._update_eval_metrics(batch, student_logits, teacher_logits, records, token_mask)
         return loss
@@ -363,6 +419,15 @@ class ZedaDistillModule(TrainModuleBase):
         tok_dir = self.student_path or self.teacher_path
         tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")) else None
         return self.student, tok
+
+    @override
+    def check_resume(self, hparams: dict, path: str) -> None:
+        saved = hparams.get("routing")
+        if saved is not None and saved != self.hparams["routing"]:
+            raise ValueError(
+                f"checkpoint {path} was trained with routing {saved}, but this run asks for {self.hparams['routing']}; "
+                "resume with the routing config it was trained with, or start a new run without --ckpt_path"
+            )
 
     @override
     def preflight(self, datamodule=None) -> None:

@@ -1,0 +1,187 @@
+"""``python -m zeda_lightning estimate --config YAML``: parameters, trainable parameters and memory per GPU of a
+distillation config, for each trainable preset and each strategy, from the model's ``config.json`` alone.
+
+The student and the teacher are built on the meta device (no weight is allocated or read), the YAML's routing is
+injected, and the memory per GPU is counted from the tensors' shapes:
+
+    student parameters  P_s x storage bytes / W         (fp32 masters under bf16-mixed; bf16 under bf16-true)
+    gradients           trainable x storage bytes / W  (FSDP2: per parameter; FSDP1: every flat parameter that
+                                                        holds a trainable one, frozen parts included)
+    optimiser (AdamW)   2 x trainable x 4 bytes / W
+    teacher             P_t x compute bytes / W         (frozen: stored in the compute dtype, no grads, no state)
+    gathered layers     2 student layers + 1 teacher layer unsharded in the compute dtype (FSDP's prefetch)
+    logits              B x S x V x 4 bytes x 3          (student logits, their gradient, teacher logits; fp32)
+    layer inputs        L x B x S x H x compute bytes    (kept for the recompute, with activation checkpointing)
+
+W = devices x num_nodes (``ddp`` keeps a full copy per GPU). Activations inside a layer are not counted; with
+activation checkpointing they are one layer's worth at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import yaml
+from torch import nn
+
+from zeda_lightning.adapters import adapter_for, inject
+from zeda_lightning.routing import BaseRouter, ZeroExperts, routing_from_config
+
+PRESETS = ("full", "router_only", "router_and_experts")
+STRATEGIES = ("fsdp2", "fsdp1", "ddp")
+GIB = 1024**3
+
+
+@dataclass
+class Estimate:
+    preset: str
+    strategy: str
+    world_size: int
+    params: int
+    trainable: int
+    teacher_params: int
+    gib_per_gpu: float
+    breakdown_gib: dict
+
+
+def _trainable_names(model: nn.Module, preset: str) -> set[str]:
+    if preset == "full":
+        return {n for n, _ in model.named_parameters()}
+    names = {n for n, m in model.named_modules() if isinstance(m, BaseRouter)}
+    if preset == "router_and_experts":
+        names |= {f"{n}.experts" for n, _ in adapter_for(model).find_blocks(model)}
+    return {p for p, _ in model.named_parameters() if any(p.startswith(m + ".") for m in names)}
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _units(model: nn.Module) -> list[list[str]]:
+    """Parameter names per FSDP unit: one per decoder layer, the rest in the root."""
+    from zeda_lightning.sharding import decoder_layers
+
+    layers = decoder_layers(model)
+    prefix = {id(layer): None for layer in layers}
+    names = {id(m): n for n, m in model.named_modules() if id(m) in prefix}
+    units = [[p for p, _ in model.named_parameters() if p.startswith(names[id(layer)] + ".")] for layer in layers]
+    inside = {p for u in units for p in u}
+    return units + [[p for p, _ in model.named_parameters() if p not in inside]]
+
+
+def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision: str, batch_size: int,
+             seq_len: int, activation_checkpointing: bool, teacher_mode: str = "separate",
+             presets=PRESETS, strategies=STRATEGIES) -> list[Estimate]:
+    from zeda_lightning.sharding import build_empty, decoder_layers
+
+    student = build_empty(model_dir)
+    teacher_params = _numel(student) if teacher_mode == "separate" else 0
+    teacher_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(student))
+    inject(student, routing, init=False)
+    params = _numel(student)
+    sizes = dict((n, p.numel()) for n, p in student.named_parameters())
+    student_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(student))
+    storage = 2 if precision == "bf16-true" else 4
+    compute = 2 if precision.startswith("bf16") else 4
+    cfg = student.config
+    units = _units(student)
+    logits = batch_size * seq_len * cfg.vocab_size * 4 * 3
+    inputs = cfg.num_hidden_layers * batch_size * seq_len * cfg.hidden_size * compute if activation_checkpointing else 0
+    out = []
+    for preset in presets:
+        trainable_names = _trainable_names(student, preset)
+        trainable = sum(sizes[n] for n in trainable_names)
+        for strategy in strategies:
+            world = devices * num_nodes
+            shards = 1 if strategy == "ddp" else world
+            if strategy == "fsdp1":
+                grad_numel = sum(sum(sizes[n] for n in u) for u in units if trainable_names.intersection(u))
+            else:
+                grad_numel = trainable
+            parts = {
+                "student": params * storage / shards,
+                "grads": grad_numel * storage / shards,
+                "optimizer": 2 * trainable * 4 / shards,
+                "teacher": teacher_params * compute / shards,
+                "gathered_layers": 0 if strategy == "ddp" else (2 * student_layer + (teacher_layer if teacher_params else 0)) * compute,
+                "logits": logits,
+                "layer_inputs": inputs,
+            }
+            out.append(Estimate(preset, strategy, world, params, trainable, teacher_params,
+                                round(sum(parts.values()) / GIB, 2), {k: round(v / GIB, 3) for k, v in parts.items()}))
+    return out
+
+
+def _from_yaml(path: str) -> dict:
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    return cfg
+
+
+def _model_dir(cfg: dict, config_path: str, given: str | None) -> str:
+    """The directory whose ``config.json`` describes the model: ``--model_dir``, else the YAML's student/teacher if
+    it holds a config.json, else ``assets/configs/<the YAML's folder name>`` (the shipped real-model configs)."""
+    if given:
+        return given
+    args = cfg.get("model", {}).get("init_args", {})
+    for key in ("student", "teacher"):
+        d = args.get(key)
+        if d and os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    shipped = os.path.join("assets", "configs", os.path.basename(os.path.dirname(os.path.abspath(config_path))))
+    if os.path.isfile(os.path.join(shipped, "config.json")):
+        return shipped
+    raise ValueError(f"{config_path}: no config.json at model.init_args.teacher ({args.get('teacher')}) nor at "
+                     f"{shipped}; pass --model_dir DIR (any directory with the model's config.json)")
+
+
+def _routing(args: dict):
+    r = args.get("routing")
+    return ZeroExperts() if r is None else routing_from_config(r)
+
+
+def _table(rows: list[Estimate]) -> str:
+    head = f"{'preset':<20}{'strategy':<9}{'GPUs':>5}{'params':>10}{'trainable':>11}{'GiB/GPU':>9}  breakdown (GiB)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        parts = " ".join(f"{k}={v:g}" for k, v in r.breakdown_gib.items() if v)
+        lines.append(f"{r.preset:<20}{r.strategy:<9}{r.world_size:>5}{r.params / 1e9:>9.2f}B{r.trainable / 1e9:>10.3f}B"
+                     f"{r.gib_per_gpu:>9.1f}  {parts}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m zeda_lightning estimate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a distillation YAML (e.g. configs/qwen3_30b_a3b/sft.yaml)")
+    parser.add_argument("--model_dir", default=None, help="directory with the model's config.json (default: see above)")
+    parser.add_argument("--devices", type=int, default=None, help="GPUs per node (default: trainer.devices)")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes (default: trainer.num_nodes or 1)")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.config):
+        raise SystemExit(f"estimate: config file not found: {args.config}")
+    cfg = _from_yaml(args.config)
+    trainer, model_args = cfg.get("trainer", {}), cfg.get("model", {}).get("init_args", {})
+    data_args = cfg.get("data", {}).get("init_args", {})
+    devices = args.devices or trainer.get("devices", 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise SystemExit(f"estimate: trainer.devices is {devices!r}; pass --devices N")
+    model_dir = _model_dir(cfg, args.config, args.model_dir)
+    with torch.device("cpu"):
+        rows = estimate(
+            model_dir, _routing(model_args), devices=devices, num_nodes=args.num_nodes or trainer.get("num_nodes", 1),
+            precision=str(trainer.get("precision", "32-true")), batch_size=data_args.get("batch_size", 1),
+            seq_len=data_args.get("max_length", 256), activation_checkpointing=model_args.get("activation_checkpointing", False),
+            teacher_mode=model_args.get("teacher_mode", "separate"),
+        )
+    print(f"{args.config}: model {model_dir}, precision {trainer.get('precision', '32-true')}, batch "
+          f"{data_args.get('batch_size', 1)} x {data_args.get('max_length', 256)} tokens per GPU")
+    print(_table(rows))
+    print(json.dumps({"config": args.config, "model_dir": model_dir, "estimates": [asdict(r) for r in rows]}))
+
+
+__all__ = ["Estimate", "estimate", "main"]

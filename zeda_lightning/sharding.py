@@ -1,0 +1,413 @@
+"""Sharding for models that do not fit one device: FSDP2 per decoder layer, weights read shard by shard.
+
+Lightning owns the processes and the device mesh (``ModelParallelStrategy``; ``FSDPStrategy`` as the FSDP1
+alternative); this file owns what happens to one model inside ``configure_model``:
+
+    build_empty(dir)   parameters on the meta device (buffers real and small), routers grown and initialised
+    shard(model)       ``fully_shard`` each decoder layer, then the root (bf16 compute, activation checkpointing)
+    fill(model, dir)   each rank reads only its own rows of every tensor from the safetensors files
+
+so no rank ever holds a full copy of the weights. ``gather_for_export`` and ``consolidate`` turn a sharded student
+back into an ordinary transformers directory (the first from live shards at the end of fit, the second offline
+from a Lightning distributed checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from zeda_lightning.adapters import CONFIG_KEY, adapter_for, inject
+from zeda_lightning.routing import RoutingVariant, routing_from_config
+
+#: per-expert checkpoint tensors stacked into transformers 5's fused expert parameters:
+#: fused suffix -> per-expert names concatenated along dim 0 (transformers' own MergeModulelist + Concatenate)
+_FUSED_EXPERTS = {
+    "experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
+    "experts.down_proj": ("down_proj.weight",),
+}
+
+
+# -- which strategy -------------------------------------------------------------------------------------------
+def strategy_kind(trainer) -> str | None:
+    """``"fsdp2"`` (ModelParallelStrategy), ``"fsdp1"`` (FSDPStrategy) or ``None`` (one full copy per process)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp1"
+    return None
+
+
+def check_strategy(trainer, micro_batch: int | None, global_batch: int | None) -> int:
+    """Refuse strategy/hardware/batch combinations that cannot run, before any process group exists.
+
+    Returns the gradient-accumulation factor that makes ``global_batch`` (1 when it is not set).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    world = int(getattr(strategy, "num_nodes", 1) or 1) * max(int(getattr(strategy, "num_processes", 1) or 1), 1)
+    if isinstance(strategy, ModelParallelStrategy):
+        dp, tp = strategy._data_parallel_size, strategy._tensor_parallel_size
+        if tp == "auto" or dp == "auto" or int(tp) != 1 or int(dp) != world:
+            raise ValueError(
+                f"ModelParallelStrategy(data_parallel_size={dp}, tensor_parallel_size={tp}) on {world} processes: "
+                f"zeda shards with FSDP2 only; set trainer.strategy.init_args.data_parallel_size: {world} and "
+                "tensor_parallel_size: 1"
+            )
+    if global_batch is None:
+        return 1
+    if micro_batch is None or global_batch % (world * micro_batch):
+        raise ValueError(
+            f"global_batch_size={global_batch} is not a multiple of world size {world} x data.batch_size "
+            f"{micro_batch}; pick data.init_args.batch_size and trainer.devices / num_nodes so that it divides "
+            f"(e.g. batch_size {max(global_batch // world, 1)} with accumulation 1)"
+        )
+    accumulate = global_batch // (world * micro_batch)
+    if trainer.accumulate_grad_batches not in (1, accumulate):
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} contradicts global_batch_size="
+            f"{global_batch} ({world} processes x batch {micro_batch} needs {accumulate}); drop one of the two"
+        )
+    return accumulate
+
+
+def data_parallel_mesh(module) -> Any:
+    """The 1-D data-parallel mesh when the LightningModule runs under ModelParallelStrategy, else ``None``."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or strategy_kind(trainer) != "fsdp2":
+        return None
+    return trainer.strategy.device_mesh["data_parallel"]
+
+
+def param_dtypes(trainer) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(storage dtype, compute dtype or None)`` from the trainer's precision flag."""
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if precision == "bf16-true":
+        return torch.bfloat16, None
+    if precision == "bf16-mixed":
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
+# -- building on the meta device ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def params_on_meta():
+    """Parameters go to the meta device as they are registered; buffers (rotary tables, ...) stay real.
+
+    ``torch.device("meta")`` would also make the non-persistent buffers meta, and they are in no checkpoint.
+    """
+    register = nn.Module.register_parameter
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _config(path_or_config):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str) else path_or_config
+    saved = getattr(config, CONFIG_KEY, None)
+    if saved is not None:
+        import copy
+
+        config = copy.deepcopy(config)
+        delattr(config, CONFIG_KEY)
+    return config, saved
+
+
+def build_empty(path_or_config, routing: RoutingVariant | None = None, reader: "SafetensorsReader | None" = None):
+    """The model of a transformers directory (or config) with meta parameters.
+
+    A saved zeda model comes back with its routers (rows to be filled from the checkpoint). ``routing`` on an
+    original model injects it with the same row init as the unsharded path, which needs the original router rows:
+    they are read from ``reader`` (a few MB per layer) and the grown routers are real tensors on return.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config, saved = _config(path_or_config)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if saved is not None:
+        inject(model, routing_from_config(saved), init=False)
+    elif routing is not None:
+        if reader is None:
+            raise ValueError("injecting routing into an empty model needs the original router rows: pass reader")
+        adapter = adapter_for(model)
+        for name, block in adapter.find_blocks(model):
+            router = getattr(block, adapter.router_attr)
+            router.to_empty(device="cpu")
+            prefix = f"{name}.{adapter.router_attr}."
+            with torch.no_grad():
+                for key, t in router.state_dict(keep_vars=True).items():
+                    t.copy_(reader.rows(prefix + key, 0, t.shape[0] if t.dim() else 0, t.shape))
+        inject(model, routing)
+    return model
+
+
+# -- reading a checkpoint shard by shard ----------------------------------------------------------------------
+class SafetensorsReader:
+    """Rows ``[start, stop)`` of any tensor of a transformers safetensors checkpoint, read without loading the rest.
+
+    Per-expert tensors (``experts.{e}.gate_proj.weight``...) are stacked on the fly into transformers 5's fused
+    3-D parameters, so original hub checkpoints and this package's exports read alike.
+    """
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ValueError(f"{path} has no *.safetensors weight files")
+        self.path = path
+        self._handles = {f: safe_open(f, framework="pt") for f in files}
+        self._where = {key: f for f, h in self._handles.items() for key in h.keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def _slice(self, key: str, start: int, stop: int) -> Tensor:
+        s = self._handles[self._where[key]].get_slice(key)
+        return s[start:stop] if s.get_shape() else s[:]
+
+    def rows(self, key: str, start: int, stop: int, shape: torch.Size) -> Tensor:
+        """Rows ``start:stop`` of ``key`` (dim 0), checked against the expected local ``shape``."""
+        if key in self._where:
+            t = self._slice(key, start, stop)
+        else:
+            t = self._fused(key, start, stop)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.path}: tensor {key} rows {start}:{stop} have shape {tuple(t.shape)}, the model expects "
+                f"{tuple(shape)}; the checkpoint does not belong to this config (or to this routing config)"
+            )
+        return t
+
+    def _fused(self, key: str, start: int, stop: int) -> Tensor:
+        for suffix, parts in _FUSED_EXPERTS.items():
+            if key.endswith(suffix):
+                base = key[: -len(suffix)] + "experts."
+                names = [[f"{base}{e}.{p}" for p in parts] for e in range(start, stop)]
+                missing = [n for group in names for n in group if n not in self._where]
+                if not missing:
+                    return torch.stack([torch.cat([self._slice(n, 0, None) for n in group]) for group in names])
+                break
+        raise ValueError(f"{self.path}: no tensor {key} (nor its per-expert parts) in the checkpoint")
+
+
+def _local_rows(t: Tensor) -> tuple[Tensor, int, int]:
+    """``(local tensor to write into, start, stop)`` of ``t`` along dim 0 (the whole tensor unless sharded)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0, t.shape[0] if t.dim() else 0
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise ValueError(f"only FSDP's Shard(0) placement is supported, got {t.placements}")
+    local = t.to_local()
+    n, world = t.shape[0], t.device_mesh.size()
+    chunk = -(-n // world)  # torch.chunk's split, as FSDP2 shards
+    start = min(t.device_mesh.get_local_rank() * chunk, n)
+    return local, start, start + local.shape[0]
+
+
+@torch.no_grad()
+def fill(model: nn.Module, reader: SafetensorsReader, device: torch.device, keep: dict[str, Tensor] | None = None) -> None:
+    """Materialise a (sharded) meta model on ``device``: each rank reads its rows of each tensor, one at a time.
+
+    ``keep``: full tensors already computed on this rank (non-persistent buffers, freshly grown routers), sliced
+    instead of read. Tied parameters are filled once, under their first name.
+    """
+    keep = keep or {}
+    model.to_empty(device=device)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        local, start, stop = _local_rows(t)
+        src = keep[name][start:stop] if name in keep and keep[name].dim() else keep.get(name)
+        if src is None:
+            src = reader.rows(name, start, stop, local.shape)
+        local.copy_(src)  # cast to the storage dtype here, one tensor at a time
+
+
+def cast_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Storage dtype of the parameters; buffers (router correction biases, rotary tables) keep theirs."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, activation_checkpointing: bool = False,
+          reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, head), with FSDP2."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        # transformers' own per-layer checkpointing (non-reentrant: works inside FSDP2's hooks)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # transformers' generate then keeps every rank stepping until all are done (synced_gpus), as FSDP needs
+    model._is_fsdp_managed_module = True
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at get_decoder().layers to shard one by one")
+    return layers
+
+
+def load_sharded(path: str, mesh, *, routing: RoutingVariant | None = None, dtype: torch.dtype = torch.float32,
+                 compute_dtype: torch.dtype | None = None, activation_checkpointing: bool = False,
+                 configure=None) -> nn.Module:
+    """Build ``path``'s model (``routing`` injected unless it is a zeda export) sharded over ``mesh``.
+
+    ``configure(model)`` runs on the meta model before sharding (e.g. ``requires_grad`` per trainable preset).
+    """
+    from zeda_lightning.adapters import routing_state_keys
+
+    reader = SafetensorsReader(path)
+    fresh = routing is not None and CONFIG_KEY not in read_config(path)
+    model = build_empty(path, routing=routing if fresh else None, reader=reader)
+    state = model.state_dict()
+    keep = {n: b.detach().clone() for n, b in model.named_buffers() if n not in state}  # non-persistent
+    if fresh:  # grown routers: computed here from the original rows, exactly as the unsharded path does
+        keep.update({k: state[k].detach().clone() for k in routing_state_keys(model)})
+    cast_params(model, dtype)
+    if configure is not None:
+        configure(model)
+    shard(model, mesh, compute_dtype=compute_dtype, activation_checkpointing=activation_checkpointing)
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
+    fill(model, reader, device, keep)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Every FSDP2 unit of ``model`` unsharded inside the block (collective: all ranks enter it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in reversed(units):
+            m.reshard()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# -- back to one transformers directory ---------------------------------------------------------------------
+def _assemble(config, state: dict[str, Tensor]) -> nn.Module:
+    """An ordinary (unsharded) model holding ``state``: meta build, then the tensors assigned without copies."""
+    model = build_empty(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    bad = [k for k in missing if k not in tied and any(k == n for n, _ in model.named_parameters())]
+    if bad or unexpected:
+        raise ValueError(f"state does not match the config: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def gather_for_export(model: nn.Module, rank: int) -> nn.Module | None:
+    """Collective: the full model on CPU on rank 0 (``None`` on the others), ready for ``export_model``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _assemble(model.config, state) if rank == 0 else None
+
+
+def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
+    """Hyperparameters stored in a Lightning checkpoint (a file, or a distributed checkpoint directory)."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    meta = os.path.join(ckpt_path, _METADATA_FILENAME) if os.path.isdir(ckpt_path) else ckpt_path
+    if not os.path.isfile(meta):
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no {_METADATA_FILENAME} in it)")
+    ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=not os.path.isdir(ckpt_path))
+    return dict(ckpt.get("hyper_parameters", {}))
+
+
+def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
+    """Turn the student of a sharded (distributed) Lightning checkpoint into a transformers directory.
+
+    Runs in one process without a process group: the student is rebuilt from the checkpoint's hyperparameters on
+    the meta device, materialised on CPU and filled by ``torch.distributed.checkpoint``; written atomically.
+    """
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer
+
+    from zeda_lightning.export import _check_export_target, export_model
+
+    _check_export_target(out_dir, overwrite)
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} is not a distributed checkpoint directory (a single-file checkpoint holds "
+                         "the full state already: load it with torch.load)")
+    hp = checkpoint_hparams(ckpt_dir)
+    source = hp.get("student") or hp.get("teacher")
+    if source is None or "routing" not in hp:
+        raise ValueError(f"{ckpt_dir}: no student/teacher/routing hyperparameters; it is not a ZedaDistillModule run")
+    config, _ = _config(source)
+    model = build_empty(config)
+    inject(model, routing_from_config(hp["routing"]), init=False)
+    model.to_empty(device="cpu")
+    state = {f"student.{k}": v for k, v in model.state_dict().items()}
+    dcp.load({"state_dict": state}, checkpoint_id=ckpt_dir, no_dist=True)
+    # non-persistent buffers (rotary tables) are not in any checkpoint: take them from a fresh build
+    fresh = dict(build_empty(config).named_buffers())
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in fresh and name not in model.state_dict():
+                b.copy_(fresh[name])
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(source) if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None
+    return export_model(model.eval(), out_dir, tok, overwrite=overwrite)
+
+
+def read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m zeda_lightning consolidate --ckpt DIR --out DIR [--overwrite]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m zeda_lightning consolidate", description=consolidate.__doc__)
+    parser.add_argument("--ckpt", required=True, help="distributed checkpoint directory (e.g. runs/x/checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="transformers directory to write the student to")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    print(consolidate(args.ckpt, args.out, overwrite=args.overwrite))
