@@ -16,6 +16,8 @@ class ZedaCLI(LightningCLI):
 
     def _preflight(self) -> None:
         self.model.preflight(self.datamodule)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        self.model.check_run(self.trainer, self.datamodule, ckpt_path)
 
     def before_fit(self) -> None:
         self._preflight()
@@ -46,6 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         from zeda_lightning.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "estimate":
+        from zeda_lightning.estimate import main as estimate_main
+
+        return estimate_main(argv[1:])
+    if argv and argv[0] == "consolidate":
+        from zeda_lightning.sharding import main as consolidate_main
+
+        return consolidate_main(argv[1:])
     if argv and argv[0] == "generate":
         from zeda_lightning.generate import main as generate_main
 

@@ -75,6 +75,32 @@ def load_rows(path: str, prompts_only: bool = False):
     return ds
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch (``state_dict`` / ``load_state_dict``): it counts the batches
+    it has yielded in the current pass, and after a restore skips that many, so a resumed run sees the same batches
+    as one that was never stopped."""
+
+    _yielded = 0
+    _skip = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+        skip, self._skip = self._skip, 0
+        skip = skip if skip < len(self) else 0  # saved at the end of a pass: the next pass starts afresh
+        for _ in range(skip):
+            next(it)
+        self._yielded = skip
+        for batch in it:
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state["batches"])
+
+
 class ZedaDataModule(L.LightningDataModule):
     """Tokenised, masked batches for distillation and pretraining.
 
@@ -249,7 +275,7 @@ class ZedaDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"ZedaDataModule: no {split} data; set {split}_files")
         gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return (ResumableDataLoader if split == "train" else DataLoader)(
             self.datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
