@@ -56,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         from zeda_lightning.sharding import main as consolidate_main
 
         return consolidate_main(argv[1:])
+    if argv and argv[0] == "budget":
+        from zeda_lightning.budget import main as budget_main
+
+        return budget_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from zeda_lightning.evaluation.harness import main as eval_main
+
+        return eval_main(argv[1:])
     if argv and argv[0] == "generate":
         from zeda_lightning.generate import main as generate_main
 
