@@ -36,13 +36,13 @@ def blocks(tiny_teacher, tiny_data):
 
 
 def _kept_rows(model, ids):
-    """Rows the expert modules really receive (after the sentinel pre-hook drops skipped slots), per layer."""
+    """(token, expert) pairs the experts modules really receive (after the sentinel pre-hook drops skipped slots)."""
     rows, handles = [], []
     for m in model.modules():
         skip = getattr(m, "_zeda_skip", None)
         if skip is not None:  # runs after SentinelSkip.pre: sees the reduced (S', H) hidden states
             handles.append(m.register_forward_pre_hook(lambda mod, args, kw: rows.append(
-                (args[0] if args else next(iter(kw.values()))).shape[0]), with_kwargs=True))
+                (list(args) + list(kw.values()))[1].numel()), with_kwargs=True))  # (token, slot) pairs
     try:
         with torch.no_grad():
             model(ids, use_cache=False)

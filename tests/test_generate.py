@@ -47,3 +47,103 @@ def test_generate_bad_input(tmp_path, tiny_teacher):
     (tmp_path / "exists.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         generate_responses(tiny_teacher, prompts, str(tmp_path / "exists.jsonl"))
+
+
+# -- single prompt, Python function, real skipping during generation ---------------------------------------------
+@pytest.fixture(scope="module")
+def budget_student(tmp_path_factory, tiny_teacher):
+    """The tiny teacher with zero experts and a zero-logit bias that sends about half the slots to zero experts."""
+    from transformers import AutoTokenizer
+
+    from zeda_lightning import ZeroExperts, inject
+    from zeda_lightning.budget import set_zero_logit_bias
+    from zeda_lightning.export import export_model, from_pretrained
+
+    model = inject(from_pretrained(tiny_teacher), ZeroExperts(seed=0))
+    set_zero_logit_bias(model, 1.5)
+    out = tmp_path_factory.mktemp("gen") / "student"
+    export_model(model, str(out), AutoTokenizer.from_pretrained(tiny_teacher))
+    return str(out)
+
+
+def _expert_rows(model):
+    """Hook counting the (token, expert) pairs each experts module really receives (after the sentinel pre-hook
+    drops skipped slots): the rows its expert matmuls compute."""
+    rows, handles = [], []
+    for m in model.modules():
+        if getattr(m, "_zeda_skip", None) is not None or m.__class__.__name__.endswith("Experts"):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, kw: rows.append((list(args) + list(kw.values()))[1].numel()),
+                with_kwargs=True))
+    return rows, handles
+
+
+def test_generate_text_greedy_matches_a_cache_free_argmax_loop_with_skipping(budget_student):
+    import torch
+
+    from zeda_lightning.generate import generate_text, load_for_generation
+    from zeda_lightning.routing import capture_routing
+
+    model, tok = load_for_generation(budget_student)
+    prompts = ["def f(x):", "The river number 3 runs past"]
+    texts = generate_text(model, prompts, tok, max_new_tokens=6)
+    assert texts == [generate_text(budget_student, p, max_new_tokens=6) for p in prompts]  # path and model agree
+    # independent computation: full forward over the growing sequence (no KV cache), argmax each step
+    for prompt, text in zip(prompts, texts):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+                if int(nxt) == tok.eos_token_id:
+                    break
+        expected = tok.decode(ids[0, len(tok(prompt, add_special_tokens=False)["input_ids"]):],
+                              skip_special_tokens=True)
+        assert text == expected
+    # prefill and every decode step compute only the kept slots
+    rows, handles = _expert_rows(model)
+    try:
+        with capture_routing(model, accumulate=True) as rec:
+            generate_text(model, prompts[0], tok, max_new_tokens=6)
+    finally:
+        for h in handles:
+            h.remove()
+    kept = [int((~o.skipped).sum()) for layer in sorted(rec) for o in rec[layer]]
+    k = model.config.num_experts_per_tok
+    total = [o.skipped.numel() for layer in sorted(rec) for o in rec[layer]]
+    assert len(rec[0]) >= 2  # a prefill and decode steps
+    # (a step whose every slot is skipped runs one dummy row of weight 0, see adapters/skipping.py)
+    assert sorted(rows) == sorted(max(n, 1) for n in kept) and 0.25 < 1 - sum(kept) / sum(total) < 0.75
+    assert rec[0][1].selected_experts.shape[0] == 1  # a decode step routes one token: the cache is used
+    assert sum(kept) < sum(total) and all(t % k == 0 for t in total)
+
+
+def test_generate_single_prompt_cli_prints_response_and_zero_ratio(budget_student, capsys):
+    from zeda_lightning.generate import generate_text
+
+    cli_entry(["generate", "--model", budget_student, "--prompt", "12 + 30 =", "--temperature", "0",
+               "--max_new_tokens", "5"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["response"] == generate_text(budget_student, "12 + 30 =", max_new_tokens=5)
+    assert 0.25 < result["zero_ratio"] < 0.75 and result["new_tokens"] >= 1
+
+
+def test_generate_single_prompt_bad_input(tmp_path, budget_student, tiny_teacher):
+    from zeda_lightning.generate import generate_text
+
+    with pytest.raises(ValueError, match="exactly one of them"):
+        generate_responses(budget_student)
+    with pytest.raises(ValueError, match="exactly one of them"):
+        generate_responses(budget_student, prompts="p.jsonl", out="o.jsonl", prompt="hi")
+    with pytest.raises(ValueError, match="--prompts needs --out"):
+        generate_responses(budget_student, prompts="p.jsonl")
+    with pytest.raises(ValueError, match="exceed"):
+        generate_responses(budget_student, prompt="word " * 400)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        generate_text(object(), "hi")
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes(open(f"{budget_student}/{name}", "rb").read())
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        generate_text(str(no_tok), "hi")

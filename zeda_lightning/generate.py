@@ -1,6 +1,8 @@
 """Sample responses with transformers ``generate`` (KV cache): stage-1 data from the teacher, or any model.
 
 ``python -m zeda_lightning generate --model assets/tiny_teacher --prompts prompts.jsonl --out stage1.jsonl``
+``python -m zeda_lightning generate --model runs/tiny/student --prompt "def parse(" --temperature 0``
+(``generate_text`` is the Python function.)
 Prompt rows: ``{"prompt": ...}`` (plain text) or ``{"messages": [...]}`` (chat template applied); an optional
 ``domain`` is carried over. Output rows: ``{"prompt", "response", "domain"?}``, written atomically.
 """
@@ -32,10 +34,89 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
     return rows
 
 
+def load_for_generation(model: str):
+    """``(model, tokenizer)`` from a directory, checked first: weights, config, tokenizer (left padding)."""
+    from transformers import AutoTokenizer
+
+    from zeda_lightning.export import check_model_dir, from_pretrained
+
+    check_model_dir(model, require_tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return from_pretrained(model), tok
+
+
+def _sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, num_samples: int,
+            max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
+    """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
+    (text-major order) and their token counts. Skipped expert slots cost nothing in prefill and decode alike."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
+    if too_long:
+        raise ValueError(f"{where}: prompts on lines {too_long[:10]} exceed {limit} tokens; shorten them")
+    empty = [i + 1 for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"{where}: prompts on lines {empty[:10]} are empty")
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        gen = lm.generate(
+            **batch.to(lm.device),
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    new = gen[:, batch["input_ids"].shape[1] :]
+    texts_out = [tok.decode(seq, skip_special_tokens=True) for seq in new]
+    return texts_out, [int((seq != tok.pad_token_id).sum()) for seq in new]
+
+
+def generate_text(
+    model,
+    prompt: str | list[str],
+    tokenizer=None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str | list[str]:
+    """Continue ``prompt`` (one string or a list) with a model directory or a loaded model + ``tokenizer``.
+
+    Greedy by default (``temperature=0``). A zeda export keeps its compute budget (``config.zeda_budget``).
+    """
+    if isinstance(model, str):
+        lm, tok = load_for_generation(model)
+    elif tokenizer is None:
+        raise ValueError("generate_text with a loaded model needs its tokenizer: generate_text(model, prompt, tok)")
+    else:
+        lm, tok = model, tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not texts:
+        raise ValueError("generate_text needs at least one prompt")
+    torch.manual_seed(seed)
+    out, _ = _sample(lm, tok, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     num_samples=1, max_prompt_tokens=None, where="prompt")
+    return out[0] if isinstance(prompt, str) else out
+
+
 def generate_responses(
     model: str,
-    prompts: str,
-    out: str,
+    prompts: str | None = None,
+    out: str | None = None,
+    prompt: str | None = None,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -45,12 +126,14 @@ def generate_responses(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """Sample ``num_samples`` responses per prompt and write ``prompt``/``response`` jsonl rows.
+    """Sample ``num_samples`` responses per prompt and write ``prompt``/``response`` jsonl rows, or answer one
+    ``--prompt`` on stdout.
 
     Args:
-        model: transformers model directory (a zeda export is rebuilt with its routers).
-        prompts: jsonl/json/parquet file of prompt rows.
+        model: transformers model directory (a zeda export is rebuilt with its routers and compute budget).
+        prompts: jsonl/json/parquet file of prompt rows (with ``out``).
         out: output jsonl path.
+        prompt: one prompt text instead of a file; the response is printed (with its zero-slot ratio).
         max_new_tokens: most new tokens per response.
         temperature: sampling temperature (0 = greedy).
         top_p: nucleus sampling threshold.
@@ -60,47 +143,49 @@ def generate_responses(
         seed: sampling seed.
         overwrite: replace an existing ``out``.
     """
-    from transformers import AutoTokenizer
+    import time
 
-    from zeda_lightning.export import from_pretrained
+    from zeda_lightning.routing import capture_routing
 
+    if (prompt is None) == (prompts is None):
+        raise ValueError("give either --prompt TEXT or --prompts FILE --out FILE (exactly one of them)")
+    if prompts is not None and out is None:
+        raise ValueError("--prompts needs --out FILE for the jsonl rows")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if os.path.exists(out) and not overwrite:
+    if out is not None and os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite true to replace it")
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    if prompt is not None:
+        lm, tok = load_for_generation(model)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with capture_routing(lm, accumulate=True) as rec:
+            texts, counts = _sample(lm, tok, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, num_samples=num_samples, max_prompt_tokens=max_prompt_tokens,
+                                    where="--prompt")
+        seconds = time.perf_counter() - start
+        result = {"prompt": prompt, "response": texts[0] if num_samples == 1 else texts, "new_tokens": sum(counts),
+                  "seconds": round(seconds, 4)}
+        if rec:  # share of routed slots that went to zero experts, prefill and decode together
+            skipped = [o.skipped.float() for outs in rec.values() for o in outs]
+            result["zero_ratio"] = round(float(sum(s.sum() for s in skipped) / sum(s.numel() for s in skipped)), 4)
+        return result
+    lm, tok = load_for_generation(model)
     rows = _read_prompts(prompts, tok)
-    lm = from_pretrained(model)
     limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
     encoded = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
-    if too_long:
+    if too_long:  # checked for the whole file before the first generate call
         raise ValueError(f"{prompts}: prompts on lines {too_long[:10]} exceed {limit} tokens; shorten them")
     torch.manual_seed(seed)
     results, n_tokens = [], 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = lm.generate(
-                **batch,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=top_p if temperature > 0 else None,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        new = gen[:, batch["input_ids"].shape[1] :]
-        for j, seq in enumerate(new):
-            src = chunk[j // num_samples]
-            text = tok.decode(seq, skip_special_tokens=True)
-            n_tokens += int((seq != tok.pad_token_id).sum())
-            results.append({**src, "response": text})
+        texts, counts = _sample(lm, tok, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, num_samples=num_samples,
+                                max_prompt_tokens=max_prompt_tokens, where=prompts)
+        n_tokens += sum(counts)
+        results += [{**chunk[j // num_samples], "response": text} for j, text in enumerate(texts)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".gen-", dir=os.path.dirname(os.path.abspath(out)))
     with os.fdopen(fd, "w") as f:
@@ -113,4 +198,4 @@ def generate_responses(
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
-    print(json.dumps(auto_cli(generate_responses, args=argv, as_positional=False)))
+    print(json.dumps(auto_cli(generate_responses, args=argv, as_positional=False), ensure_ascii=False))
