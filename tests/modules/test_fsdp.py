@@ -197,3 +197,117 @@ def test_sharded_build_gives_the_unsharded_logits(tmp_path):
     assert got["dtensor"] and got["local_rows"] == 8  # 16 experts, half on each rank
     assert torch.equal(got["logits"], expected)
     assert torch.equal(got["gathered"], expected)
+
+
+# -- bad input: refused in the launching process, before any process group or file ------------------------------
+def _refused(tmp_path, *flags):
+    from zeda_lightning.cli import cli_main
+
+    root = tmp_path / "never"
+    args = ["fit", "--config", CONFIG, "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), "--trainer.callbacks.init_args.dirpath", str(root / "ckpt"),
+            "--model.init_args.export_dir", str(root / "student"), *flags]
+    with pytest.raises(Exception) as err:
+        cli_main(args)
+    assert not root.exists()
+    assert not dist.is_initialized()
+    return str(err.value)
+
+
+def test_batch_that_the_world_size_does_not_divide_is_refused(tmp_path):
+    msg = _refused(tmp_path, "--data.init_args.batch_size", "3")
+    assert "global_batch_size=8" in msg and "world size 2" in msg and "batch_size" in msg
+
+
+def test_tensor_parallel_mesh_is_refused(tmp_path):
+    msg = _refused(tmp_path, "--trainer.strategy.init_args.data_parallel_size", "1",
+                   "--trainer.strategy.init_args.tensor_parallel_size", "2")
+    assert "data_parallel_size: 2" in msg and "tensor_parallel_size: 1" in msg
+
+
+def test_fsdp1_on_cpu_is_refused(tmp_path):
+    msg = _refused(tmp_path, "--trainer.strategy", "fsdp")  # Lightning's own check, raised at Trainer init
+    assert "GPU" in msg
+
+
+def test_resuming_a_checkpoint_of_another_routing_config_is_refused(runs, tmp_path):
+    from zeda_lightning.cli import cli_main
+
+    ckpt = runs["two"] / "ckpt" / "last.ckpt"
+    with pytest.raises(ValueError, match="trained with routing") as err:
+        cli_main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path / "never"),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "never"),
+                  "--trainer.callbacks.init_args.dirpath", str(tmp_path / "never"),
+                  "--model.init_args.export_dir", str(tmp_path / "never" / "student"),
+                  "--model.init_args.routing.init_args.num_zero_experts", "4", "--ckpt_path", str(ckpt)])
+    assert "num_zero_experts" in str(err.value)
+    assert not (tmp_path / "never").exists() and not dist.is_initialized()
+
+
+def _presets_under_fsdp2(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        from zeda_lightning.modules import ZedaDistillModule
+        from zeda_lightning.routing import BaseRouter, ZeroExperts
+
+        mesh = init_device_mesh("cpu", (world,))
+        ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(2 + rank))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        report = {}
+        for preset, mode in [("full", "separate"), ("router_only", "separate"), ("router_and_experts", "separate"),
+                             ("router_only", "shared_weights")]:
+            module = ZedaDistillModule(teacher=TEACHER, routing=ZeroExperts(seed=0), objective="forward_kl",
+                                       trainable=preset, teacher_mode=mode)
+            module._configure_fsdp2(mesh, torch.float32, None)
+            params = dict(module.named_parameters())
+            trainable = {n for n, p in params.items() if p.requires_grad}
+            router_names = {n for n, m in module.student.named_modules() if isinstance(m, BaseRouter)}
+            before = {n: p.detach().to_local().clone() for n, p in params.items()}
+            with torch.no_grad():
+                teacher_before = module.teacher_forward(batch)
+            opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=1e-2)
+            module.training_step(batch, 0).backward()
+            opt.step()
+            changed = {n for n, p in params.items() if not torch.equal(p.detach().to_local(), before[n])}
+            with torch.no_grad():
+                teacher_after = module.teacher_forward(batch)
+            report[(preset, mode)] = {
+                "all_dtensor": all(isinstance(p, DTensor) for p in params.values()),
+                "teacher_in_tree": any(n.startswith("teacher.") for n in params),
+                "teacher_grads": None if module.teacher is None else
+                any(p.requires_grad or p.grad is not None for p in module.teacher.parameters()),
+                "trainable": trainable, "changed": changed,
+                "routers": {n for n in trainable if any(n.startswith(f"student.{r}.") for r in router_names)},
+                "experts": {n for n in trainable if ".experts." in n},
+                "teacher_frozen": torch.equal(teacher_before, teacher_after),
+                "optimizer_params": sum(1 for g in opt.param_groups for _ in g["params"]),
+            }
+        dist.barrier()
+        if rank == 0:
+            torch.save(report, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_trainable_preset_trains_under_fsdp2_with_a_frozen_sharded_teacher(tmp_path):
+    out = tmp_path / "report.pt"
+    mp.spawn(_presets_under_fsdp2, args=(2, _free_port(), str(out)), nprocs=2)
+    report = torch.load(out, weights_only=False)
+    for (preset, mode), r in report.items():
+        assert r["all_dtensor"] and not r["teacher_in_tree"], (preset, mode)
+        assert r["teacher_grads"] in (False, None) and r["teacher_frozen"], (preset, mode)
+        assert r["changed"] and r["changed"] <= r["trainable"], (preset, mode)  # only trainable tensors moved
+        assert r["optimizer_params"] == len(r["trainable"])
+        if preset == "router_only":
+            assert r["trainable"] == r["routers"]
+        elif preset == "router_and_experts":
+            assert r["trainable"] == r["routers"] | r["experts"] and r["experts"]
+    assert len(report[("full", "separate")]["trainable"]) > len(report[("router_and_experts", "separate")]["trainable"])

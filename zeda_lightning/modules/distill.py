@@ -170,10 +170,10 @@ class ZedaDistillModule(TrainModuleBase):
         kind = sharding.strategy_kind(trainer) if trainer is not None else None
         if kind == "fsdp2":
             self._configure_fsdp2(sharding.data_parallel_mesh(self), *sharding.param_dtypes(trainer))
+        elif kind == "fsdp1":
+            self._configure_fsdp1(trainer.global_rank == 0)
         else:
             self._configure_local()
-            if kind == "fsdp1":
-                self._wrap_fsdp1()
         self._build_metrics()
 
     def _configure_local(self) -> None:
@@ -215,20 +215,45 @@ class ZedaDistillModule(TrainModuleBase):
         teacher.requires_grad_(False)
         object.__setattr__(self, "teacher", teacher.eval())  # not a submodule (see docstring)
 
-    def _wrap_fsdp1(self) -> None:
-        """FSDPStrategy (FSDP1): wrap each decoder layer, then each model, with the strategy's settings."""
+    def _configure_fsdp1(self, rank_zero: bool) -> None:
+        """FSDPStrategy (FSDP1, the alternative): rank 0 reads the weights into host memory once, the other ranks
+        build on the meta device; each decoder layer and then each model is wrapped with the strategy's settings and
+        FSDP broadcasts rank 0's values (``sync_module_states``). The teacher stays outside the module tree."""
         from torch.distributed.fsdp.wrap import wrap
 
-        from zeda_lightning.sharding import decoder_layers
+        from zeda_lightning import sharding
 
-        for name in ("student", "teacher"):
-            model = getattr(self, name)
-            if model is None:
-                continue
-            layers = decoder_layers(model)
+        if rank_zero:
+            self._configure_local()
+            teacher = self.teacher
+        else:
+            src = self.student_path or self.teacher_path
+            reader = sharding.SafetensorsReader(src)
+            fresh = not sharding.read_config(src).get(CONFIG_KEY)
+            self.student = sharding.build_empty(src, routing=self.routing if fresh else None, reader=reader).train()
+            self._set_trainable(self.student)
+            if self.activation_checkpointing:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            teacher = None if self.teacher_mode == "shared_weights" else sharding.build_empty(self.teacher_path)
+            if teacher is not None:
+                teacher.requires_grad_(False)
+        if teacher is not None:
+            teacher.config.output_router_logits = False
+            self._modules.pop("teacher", None)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        def materialise(module: nn.Module) -> None:  # meta ranks: storage only, the values come from rank 0
+            module.to_empty(device=device, recurse=False)
+
+        def wrap_model(model: nn.Module) -> nn.Module:
+            layers = sharding.decoder_layers(model)
             for i in range(len(layers)):
-                layers[i] = wrap(layers[i])
-            setattr(self, name, wrap(model))
+                layers[i] = wrap(layers[i], sync_module_states=True, param_init_fn=materialise)
+            return wrap(model, sync_module_states=True, param_init_fn=materialise)
+
+        self.student = wrap_model(self.student)
+        if teacher is not None:
+            object.__setattr__(self, "teacher", wrap_model(teacher).eval())
 
     def _freeze_original_rows(self) -> None:
         for router in self.student.modules():
@@ -419,6 +444,16 @@ class ZedaDistillModule(TrainModuleBase):
         tok_dir = self.student_path or self.teacher_path
         tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")) else None
         return self.student, tok
+
+    @override
+    def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None) -> None:
+        from zeda_lightning.sharding import strategy_kind
+
+        if self.teacher_mode == "shared_weights" and strategy_kind(trainer) == "fsdp1":
+            raise ValueError("teacher_mode='shared_weights' keeps a frozen copy of the original router rows, which "
+                             "FSDP1's flattened parameters cannot hold; use ModelParallelStrategy (FSDP2) or "
+                             "teacher_mode='separate'")
+        super().check_run(trainer, datamodule, ckpt_path)
 
     @override
     def check_resume(self, hparams: dict, path: str) -> None:

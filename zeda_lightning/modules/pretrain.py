@@ -54,6 +54,14 @@ class LMPretrainModule(TrainModuleBase):
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        from zeda_lightning import sharding
+
+        mesh = sharding.data_parallel_mesh(self)
+        if mesh is not None:  # same seed on every rank: each keeps its shard of the same random init
+            _, compute = sharding.param_dtypes(self.trainer)
+            sharding.shard(self.model, mesh, compute_dtype=compute, activation_checkpointing=self.activation_checkpointing)
+        elif self.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
