@@ -1,6 +1,9 @@
 """zeda_lightning: make post-trained MoE LLMs skip expert compute (zero experts, null experts, self-distillation)."""
 
 from zeda_lightning.adapters import inject, set_zero_mask
+from zeda_lightning.budget import calibrate_zero_bias, set_zero_logit_bias
+from zeda_lightning.export import export_model, from_pretrained
+from zeda_lightning.generate import generate_text
 from zeda_lightning.routing import (
     NullExperts,
     StaticTopK,
@@ -17,8 +20,13 @@ __all__ = [
     "StaticTopK",
     "TopP",
     "ZeroExperts",
+    "calibrate_zero_bias",
     "capture_routing",
+    "export_model",
+    "from_pretrained",
+    "generate_text",
     "get_routing",
     "inject",
+    "set_zero_logit_bias",
     "set_zero_mask",
 ]
