@@ -223,7 +223,9 @@ def calibrate_zero_bias(
 # -- data ---------------------------------------------------------------------------------------------------------
 def text_blocks(path: str, tokenizer, block_size: int = 256, max_blocks: int | None = None) -> Tensor:
     """Rows of a local text file (``text``, or ``prompt`` + ``response``) tokenised, joined with EOS and cut into
-    full blocks ``(B, block_size)``: no padding, so every routed token counts."""
+    full blocks ``(B, block_size)``: no padding, so every routed token counts. With ``max_blocks``, the blocks are
+    spread evenly over the whole file, not its first rows: the skip ratio differs a lot between domains (code /
+    prose / maths), so a calibration sample must cover the file's mix."""
     from zeda_lightning.data.module import load_rows
 
     if block_size < 2:
@@ -231,19 +233,19 @@ def text_blocks(path: str, tokenizer, block_size: int = 256, max_blocks: int | N
     ds = load_rows(path)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    need = None if max_blocks is None else max_blocks * block_size
     for row in ds:
         text = row.get("text") or ((row.get("prompt") or "") + (row.get("response") or ""))
         if not text and row.get("messages"):
             text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        if need is not None and len(ids) >= need:
-            break
-    n = len(ids) // block_size if need is None else min(len(ids) // block_size, max_blocks)
+    n = len(ids) // block_size
     if n == 0:
         raise ValueError(f"{path}: {len(ids)} tokens, fewer than one block of {block_size}; give more text or a "
                          "smaller block_size")
-    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+    blocks = torch.tensor(ids[: n * block_size]).view(n, block_size)
+    if max_blocks is not None and max_blocks < n:
+        blocks = blocks[torch.linspace(0, n - 1, max_blocks).round().long()]
+    return blocks
 
 
 def budget_main(
