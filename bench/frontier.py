@@ -160,7 +160,8 @@ def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list
                 plans.append(Plan(method, r, f"w={w:.3g}", variant, {"aux_loss": "group", "group_w": w}))
             else:
                 raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
-    return plans
+    # the runs nearest half the expert FLOPs first: a run cut short still has every method at one ratio
+    return sorted(plans, key=lambda p: round(abs(p.target - 0.5), 6))
 
 
 def teacher_dims() -> dict:
