@@ -5,13 +5,15 @@ What it measures
     forward KL + L_GA, backward, AdamW) on the embedded tiny teacher (``assets/tiny_teacher``, 3.6 M parameters)
     plus N/2 zero experts, with one global batch of ``--batch`` x ``--seq`` random token ids:
 
-    ``one``  1 process, the unsharded path (``configure_model`` without a strategy), the whole batch, ``--threads``
-             x 2 torch threads (the same cores as ``two``);
+    ``one``  1 process, the unsharded path (``configure_model`` without a strategy), the whole batch;
     ``two``  2 processes (gloo), student and teacher sharded per decoder layer with FSDP2 (the path
-             ``configs/tiny_fsdp_cpu.yaml`` runs), half of the batch each, ``--threads`` threads each.
+             ``configs/tiny_fsdp_cpu.yaml`` runs), half of the batch each;
+    every process with ``--threads`` torch threads (1 by default: on 2 cores shared with other jobs, 2 OpenMP
+    threads in one process stall on each other far more than two processes do, which would flatter ``two``).
 
     Step time: median over ``--steps`` timed steps after ``--warmup`` (each step ends with a barrier, so it is the
-    slowest rank's). Memory: peak resident set (``VmHWM``) of each process, and the bytes of parameters, gradients
+    slowest rank's); ``--rounds`` alternate ``one`` and ``two`` so that a busy stretch of the machine hits both, and
+    the medians over rounds are reported. Memory: peak resident set (``VmHWM``) of each process, and the bytes of parameters, gradients
     and optimiser states each process holds (counted from its local tensors).
 
 Why
@@ -57,7 +59,7 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 def _worker(rank: int, world: int, sharded: bool, port: int, args, out: str) -> None:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads * (2 // world if not sharded else 1))
+    torch.set_num_threads(args.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if sharded:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -135,24 +137,34 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process of `two`; `one` gets 2x")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of one and two")
     parser.add_argument("--lr", type=float, default=0.0, help="0: every step does the same work on the same weights")
     parser.add_argument("--quick", action="store_true", help="4 timed steps of 8 x 64 tokens")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.seq = 4, 2, 64
+        args.steps, args.warmup, args.seq, args.rounds = 4, 2, 64, 1
     if args.batch % 2:
         raise SystemExit(f"--batch must be even (split over 2 processes), got {args.batch}")
-    one = run(1, False, args)
-    two = run(2, True, args)
+    ones, twos = [], []
+    for rnd in range(args.rounds):
+        for kind in (("one", "two") if rnd % 2 == 0 else ("two", "one")):
+            (ones if kind == "one" else twos).append(run(1, False, args) if kind == "one" else run(2, True, args))
+    med = statistics.median
+    one_s = med(r[0]["step_s"] for r in ones)
+    two_s = med(max(x["step_s"] for x in r) for r in twos)
+    one, two = ones[-1], twos[-1]
     summary = {
         "bench": "fsdp_cpu",
-        "batch": args.batch, "seq": args.seq, "steps": args.steps, "threads_per_process_two": args.threads,
-        "one_step_s": round(one[0]["step_s"], 4),
-        "two_step_s": round(max(r["step_s"] for r in two), 4),
-        "two_over_one_step_time": round(max(r["step_s"] for r in two) / one[0]["step_s"], 3),
-        "one_peak_rss_mib": round(one[0]["vm_hwm_mib"], 1),
-        "two_peak_rss_mib_per_process": [round(r["vm_hwm_mib"], 1) for r in two],
+        "batch": args.batch, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
+        "threads_per_process": args.threads,
+        "one_step_s": round(one_s, 4),
+        "two_step_s": round(two_s, 4),
+        "two_over_one_step_time": round(two_s / one_s, 3),
+        "per_round_step_s": {"one": [round(r[0]["step_s"], 4) for r in ones],
+                             "two": [round(max(x["step_s"] for x in r), 4) for r in twos]},
+        "one_peak_rss_mib": round(max(r[0]["vm_hwm_mib"] for r in ones), 1),
+        "two_peak_rss_mib_per_process": [round(max(r[i]["vm_hwm_mib"] for r in twos), 1) for i in range(2)],
         "one_state_mib": {k: round(v, 2) for k, v in one[0]["state_mib"].items()},
         "two_state_mib_per_process": {k: round(v, 2) for k, v in two[0]["state_mib"].items()},
         "first_loss_one": round(one[0]["first_loss"], 6),

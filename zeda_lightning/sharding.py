@@ -264,8 +264,7 @@ def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, a
 
     layers = decoder_layers(model)
     if activation_checkpointing:
-        # transformers' own per-layer checkpointing (non-reentrant: works inside FSDP2's hooks)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -273,6 +272,11 @@ def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, a
     # transformers' generate then keeps every rank stepping until all are done (synced_gpus), as FSDP needs
     model._is_fsdp_managed_module = True
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers' own per-decoder-layer checkpointing, non-reentrant (it runs inside FSDP's hooks)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

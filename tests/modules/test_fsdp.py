@@ -167,24 +167,39 @@ def _sharded_logits(rank, world, port, out):
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         full = sharding.gather_for_export(model, rank)
+        # bf16-mixed: fp32 shards, bf16 compute (MixedPrecisionPolicy)
+        mixed = sharding.load_sharded(TEACHER, mesh, routing=ZeroExperts(seed=0), compute_dtype=torch.bfloat16)
+        with torch.no_grad():
+            mixed_logits = mixed(input_ids=ids).logits
+        storage = {p.dtype for p in mixed.parameters()}
+        # activation checkpointing: the same gradients, recomputed
+        grads = []
+        for ac in (False, True):
+            m = sharding.load_sharded(TEACHER, mesh, routing=ZeroExperts(seed=0), activation_checkpointing=ac).train()
+            m(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.full_tensor() for n, p in m.named_parameters()})
         if rank == 0:
             with torch.no_grad():
                 gathered = full(input_ids=ids).logits
             torch.save({"logits": logits, "gathered": gathered, "local_rows": local_rows,
-                        "dtensor": all(isinstance(p, DTensor) for p in model.parameters())}, out)
+                        "dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+                        "mixed_logits": mixed_logits, "mixed_storage": storage,
+                        "ac_same_grads": all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]),
+                        "ac_on": m.is_activation_checkpointing}, out)
     finally:
         dist.destroy_process_group()
 
 
 def test_sharded_build_gives_the_unsharded_logits(tmp_path):
-    """Meta build + per-rank reads of the safetensors (per-expert tensors fused on the fly) + grown routers."""
+    """Meta build + per-rank reads of the safetensors (per-expert tensors fused on the fly) + grown routers; bf16
+    compute keeps fp32 shards; activation checkpointing recomputes to the same gradients."""
     from zeda_lightning.adapters import inject
     from zeda_lightning.export import from_pretrained
     from zeda_lightning.routing import ZeroExperts
 
     out = tmp_path / "rank0.pt"
     mp.spawn(_sharded_logits, args=(2, _free_port(), str(out)), nprocs=2)
-    got = torch.load(out)
+    got = torch.load(out, weights_only=False)
     reference = inject(from_pretrained(TEACHER), ZeroExperts(seed=0))
     ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
@@ -197,6 +212,11 @@ def test_sharded_build_gives_the_unsharded_logits(tmp_path):
     assert got["dtensor"] and got["local_rows"] == 8  # 16 experts, half on each rank
     assert torch.equal(got["logits"], expected)
     assert torch.equal(got["gathered"], expected)
+    assert got["mixed_storage"] == {torch.float32} and got["mixed_logits"].dtype == torch.bfloat16
+    mixed = got["mixed_logits"].float()  # bf16 compute: close, though a few routing decisions flip
+    assert (mixed - expected).abs().mean() < 0.05 * expected.abs().mean()
+    assert (mixed.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    assert got["ac_on"] and got["ac_same_grads"]
 
 
 # -- bad input: refused in the launching process, before any process group or file ------------------------------

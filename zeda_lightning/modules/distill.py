@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from zeda_lightning import sharding
 from zeda_lightning.adapters import ADAPTERS, CONFIG_KEY, adapter_for, inject, set_zero_mask
 from zeda_lightning.losses import (
     cross_entropy,
@@ -164,8 +165,6 @@ class ZedaDistillModule(TrainModuleBase):
     def configure_model(self) -> None:
         if self.student is not None:
             return
-        from zeda_lightning import sharding
-
         trainer = getattr(self, "_trainer", None)
         kind = sharding.strategy_kind(trainer) if trainer is not None else None
         if kind == "fsdp2":
@@ -184,7 +183,7 @@ class ZedaDistillModule(TrainModuleBase):
         self.student = student.train()
         self._set_trainable(self.student)
         if self.activation_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            sharding.enable_activation_checkpointing(self.student)
         if self.teacher_mode == "shared_weights":
             self._freeze_original_rows()
         else:
@@ -200,8 +199,6 @@ class ZedaDistillModule(TrainModuleBase):
         see it (it is re-read from its safetensors on resume), and with bf16 compute it is stored in bf16 (no master
         weights to keep for a frozen model).
         """
-        from zeda_lightning import sharding
-
         self.student = sharding.load_sharded(
             self.student_path or self.teacher_path, mesh, routing=self.routing, dtype=storage, compute_dtype=compute,
             activation_checkpointing=self.activation_checkpointing, configure=self._set_trainable,
@@ -221,8 +218,6 @@ class ZedaDistillModule(TrainModuleBase):
         FSDP broadcasts rank 0's values (``sync_module_states``). The teacher stays outside the module tree."""
         from torch.distributed.fsdp.wrap import wrap
 
-        from zeda_lightning import sharding
-
         if rank_zero:
             self._configure_local()
             teacher = self.teacher
@@ -233,7 +228,7 @@ class ZedaDistillModule(TrainModuleBase):
             self.student = sharding.build_empty(src, routing=self.routing if fresh else None, reader=reader).train()
             self._set_trainable(self.student)
             if self.activation_checkpointing:
-                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                sharding.enable_activation_checkpointing(self.student)
             teacher = None if self.teacher_mode == "shared_weights" else sharding.build_empty(self.teacher_path)
             if teacher is not None:
                 teacher.requires_grad_(False)
@@ -447,9 +442,7 @@ class ZedaDistillModule(TrainModuleBase):
 
     @override
     def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None) -> None:
-        from zeda_lightning.sharding import strategy_kind
-
-        if self.teacher_mode == "shared_weights" and strategy_kind(trainer) == "fsdp1":
+        if self.teacher_mode == "shared_weights" and sharding.strategy_kind(trainer) == "fsdp1":
             raise ValueError("teacher_mode='shared_weights' keeps a frozen copy of the original router rows, which "
                              "FSDP1's flattened parameters cannot hold; use ModelParallelStrategy (FSDP2) or "
                              "teacher_mode='separate'")

@@ -61,7 +61,7 @@ class LMPretrainModule(TrainModuleBase):
             _, compute = sharding.param_dtypes(self.trainer)
             sharding.shard(self.model, mesh, compute_dtype=compute, activation_checkpointing=self.activation_checkpointing)
         elif self.activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            sharding.enable_activation_checkpointing(self.model)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
