@@ -56,3 +56,10 @@ def test_bad_arguments_fail_before_any_output(tmp_path):
     with pytest.raises(ValueError, match="ratios must lie in"):
         frontier.run(frontier.QUICK, ratios=(0.5, 1.0), out=str(out))
     assert not out.exists()
+
+
+def test_interleave_domains_keeps_every_block_and_balances_prefixes():
+    blocks = [{"domain": d, "i": i} for d, n in ((0, 5), (1, 2), (2, 3)) for i in range(n)]
+    mixed = frontier.interleave_domains(blocks)
+    assert sorted((b["domain"], b["i"]) for b in mixed) == sorted((b["domain"], b["i"]) for b in blocks)
+    assert [b["domain"] for b in mixed[:3]] == [0, 1, 2]
