@@ -10,7 +10,8 @@ injected, and the memory per GPU is counted from the tensors' shapes:
     optimiser (AdamW)   2 x trainable x 4 bytes / W
     teacher             P_t x compute bytes / W         (frozen: stored in the compute dtype, no grads, no state)
     gathered layers     2 student layers + 1 teacher layer unsharded in the compute dtype (FSDP's prefetch)
-    logits              B x S x V x 4 bytes x 3          (student logits, their gradient, teacher logits; fp32)
+    logits              B x S x V x 4 bytes x 3          (student logits, their gradient, teacher logits; fp32;
+                                                        on-policy: B = prompts x num_samples, S = prompt + response)
     layer inputs        L x B x S x H x compute bytes    (kept for the recompute, with activation checkpointing)
 
 W = devices x num_nodes (``ddp`` keeps a full copy per GPU). Activations inside a layer are not counted; with
@@ -171,15 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(devices, int) or devices < 1:
         raise SystemExit(f"estimate: trainer.devices is {devices!r}; pass --devices N")
     model_dir = _model_dir(cfg, args.config, args.model_dir)
+    batch, seq = data_args.get("batch_size", 1), data_args.get("max_length", 256)
+    if "num_samples" in model_args or "max_new_tokens" in model_args:  # on-policy: rollouts of prompt + response
+        batch *= model_args.get("num_samples", 2)
+        seq += model_args.get("max_new_tokens", 64)
     with torch.device("cpu"):
         rows = estimate(
             model_dir, _routing(model_args), devices=devices, num_nodes=args.num_nodes or trainer.get("num_nodes", 1),
-            precision=str(trainer.get("precision", "32-true")), batch_size=data_args.get("batch_size", 1),
-            seq_len=data_args.get("max_length", 256), activation_checkpointing=model_args.get("activation_checkpointing", False),
+            precision=str(trainer.get("precision", "32-true")), batch_size=batch, seq_len=seq,
+            activation_checkpointing=model_args.get("activation_checkpointing", False),
             teacher_mode=model_args.get("teacher_mode", "separate"),
         )
-    print(f"{args.config}: model {model_dir}, precision {trainer.get('precision', '32-true')}, batch "
-          f"{data_args.get('batch_size', 1)} x {data_args.get('max_length', 256)} tokens per GPU")
+    print(f"{args.config}: model {model_dir}, precision {trainer.get('precision', '32-true')}, {batch} sequences x "
+          f"{seq} tokens per GPU")
     print(_table(rows))
     print(json.dumps({"config": args.config, "model_dir": model_dir, "estimates": [asdict(r) for r in rows]}))
 
