@@ -338,7 +338,8 @@ def _assemble(config, state: dict[str, Tensor]) -> nn.Module:
     model = build_empty(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    bad = [k for k in missing if k not in tied and any(k == n for n, _ in model.named_parameters())]
+    params = dict(model.named_parameters())
+    bad = [k for k in missing if k in params and k not in tied]
     if bad or unexpected:
         raise ValueError(f"state does not match the config: missing {bad[:5]}, unexpected {list(unexpected)[:5]}")
     model.tie_weights()
@@ -386,15 +387,15 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     config, _ = _config(source)
     model = build_empty(config)
     inject(model, routing_from_config(hp["routing"]), init=False)
+    persistent = set(model.state_dict())
+    keep = {n: b.clone() for n, b in model.named_buffers() if n not in persistent}  # rotary tables: in no checkpoint
     model.to_empty(device="cpu")
     state = {f"student.{k}": v for k, v in model.state_dict().items()}
     dcp.load({"state_dict": state}, checkpoint_id=ckpt_dir, no_dist=True)
-    # non-persistent buffers (rotary tables) are not in any checkpoint: take them from a fresh build
-    fresh = dict(build_empty(config).named_buffers())
     with torch.no_grad():
         for name, b in model.named_buffers():
-            if name in fresh and name not in model.state_dict():
-                b.copy_(fresh[name])
+            if name in keep:
+                b.copy_(keep[name])
     model.tie_weights()
     tok = AutoTokenizer.from_pretrained(source) if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None
     return export_model(model.eval(), out_dir, tok, overwrite=overwrite)
