@@ -13,6 +13,7 @@ from zeda_lightning.budget import BUDGET_KEY, set_zero_logit_bias, zero_logit_bi
 from zeda_lightning.export import check_model_dir, export_model, from_pretrained
 from zeda_lightning.routing import iter_routers
 from zeda_lightning.tiny import FAMILIES, tiny_model
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

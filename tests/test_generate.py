@@ -8,6 +8,7 @@ from tests.conftest import write_jsonl
 from zeda_lightning.cli import main as cli_entry
 from zeda_lightning.data.module import ZedaDataModule
 from zeda_lightning.generate import generate_responses
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def test_generate_writes_prompt_response_rows_usable_as_training_data(tmp_path, tiny_teacher, capsys):
@@ -53,17 +54,9 @@ def test_generate_bad_input(tmp_path, tiny_teacher):
 @pytest.fixture(scope="module")
 def budget_student(tmp_path_factory, tiny_teacher):
     """The tiny teacher with zero experts and a zero-logit bias that sends about half the slots to zero experts."""
-    from transformers import AutoTokenizer
+    from tests.helpers import export_zero_expert_student
 
-    from zeda_lightning import ZeroExperts, inject
-    from zeda_lightning.budget import set_zero_logit_bias
-    from zeda_lightning.export import export_model, from_pretrained
-
-    model = inject(from_pretrained(tiny_teacher), ZeroExperts(seed=0))
-    set_zero_logit_bias(model, 1.5)
-    out = tmp_path_factory.mktemp("gen") / "student"
-    export_model(model, str(out), AutoTokenizer.from_pretrained(tiny_teacher))
-    return str(out)
+    return export_zero_expert_student(tiny_teacher, str(tmp_path_factory.mktemp("gen") / "student"), 1.5)
 
 
 def _expert_rows(model):

@@ -12,6 +12,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from zeda_lightning.cli import main as cli_entry  # noqa: E402
 from zeda_lightning.evaluation import harness  # noqa: E402,F401  (registers "zeda")
+from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 TASKS = os.path.join(os.path.dirname(__file__), "tasks")
 TASK = "zeda_tiny_continuation"
@@ -19,17 +20,9 @@ TASK = "zeda_tiny_continuation"
 
 @pytest.fixture(scope="module")
 def zeda_export(tmp_path_factory, tiny_teacher):
-    from transformers import AutoTokenizer
+    from tests.helpers import export_zero_expert_student
 
-    from zeda_lightning import ZeroExperts, inject
-    from zeda_lightning.budget import set_zero_logit_bias
-    from zeda_lightning.export import export_model, from_pretrained
-
-    model = inject(from_pretrained(tiny_teacher), ZeroExperts(seed=0))
-    set_zero_logit_bias(model, 1.0)
-    out = tmp_path_factory.mktemp("eval") / "student"
-    export_model(model, str(out), AutoTokenizer.from_pretrained(tiny_teacher))
-    return str(out)
+    return export_zero_expert_student(tiny_teacher, str(tmp_path_factory.mktemp("eval") / "student"), 1.0)
 
 
 def _loglikelihood(model, tok, context: str, continuation: str) -> float:
