@@ -83,8 +83,8 @@ def sync_budget_config(model: nn.Module) -> None:
         return
     if recorded is not None and recorded.get("zero_logit_bias") == live:
         return
-    record = {k: v for k, v in (recorded or {}).items() if k not in ("target", "layers", "zero_logit_bias")}
-    set_zero_logit_bias(model, live, {**record, "source": "set on the routers"})
+    # the calibration record (target, ratios) no longer describes these biases: keep only what is true
+    set_zero_logit_bias(model, live, {"source": "set on the routers, not calibrated"})
 
 
 def apply_budget_config(model: nn.Module, where: str = "config") -> None:
