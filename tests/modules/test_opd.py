@@ -86,3 +86,56 @@ def test_opd_bad_input(tmp_path, tiny_teacher, tiny_data, stage1_student):
     with pytest.raises(ValueError, match="was trained with routing"):
         cli_main(["fit", "--config", config])
     assert not os.path.exists(root)
+
+
+
+SHIPPED_TEACHER = "assets/tiny_teacher"
+SHIPPED_DATA = {"train": "data/tiny_corpus/train.jsonl.gz", "val": "data/tiny_corpus/val.jsonl.gz"}
+
+
+@pytest.fixture(scope="module")
+def injected_student(tmp_path_factory):
+    """The shipped (trained) teacher with freshly injected zero experts: far enough from the teacher for stage 2 to
+    have something to fix (the random fixture teacher's near-uniform outputs make every KL ~1e-6)."""
+    out = tmp_path_factory.mktemp("stage0") / "student"
+    from transformers import AutoTokenizer
+
+    export_model(inject(from_pretrained(SHIPPED_TEACHER), ZeroExperts(seed=0)), str(out),
+                 AutoTokenizer.from_pretrained(SHIPPED_TEACHER))
+    return str(out)
+
+
+def _heldout(student, batch, seeds=(11, 12)):
+    """Exact reverse KL to the teacher on the student's own samples (several sampling seeds), and the zero ratio."""
+    module = OnPolicyDistillModule(teacher=SHIPPED_TEACHER, student=student, routing=ZeroExperts(seed=0),
+                                   max_new_tokens=16)
+    module.configure_model()
+    kls, zeros = zip(*(module.heldout_reverse_kl(batch, seed=s) for s in seeds))
+    return torch.stack(kls).mean().item(), torch.stack(zeros).mean().item()
+
+
+def test_short_opd_run_lowers_heldout_reverse_kl(tmp_path, injected_student):
+    """Stage 2 must move the student towards the teacher on prompts it never trained on, without buying that with
+    fewer zero slots (tolerance 0.02 on the zero ratio, which L_GA holds). Exact reverse KL with plain SGD: on this
+    small a batch Adam's sign-like early steps overshoot (measured: held-out KL up 1.3-2x at lr 3e-4)."""
+    config, root = opd_config(tmp_path, SHIPPED_TEACHER, SHIPPED_DATA, student=injected_student, steps=10,
+                              exact_reverse_kl=True)
+    cfg = yaml.safe_load(open(config))
+    cfg["model"]["init_args"].update({"max_new_tokens": 16, "group_alpha": 0.1})
+    cfg["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}
+    cfg["trainer"]["limit_val_batches"] = 0
+    cfg["data"]["init_args"].update({"prompt_tokens": 16, "max_length": 48, "batch_size": 8})
+    open(config, "w").write(yaml.safe_dump(cfg))
+    dm = ZedaDataModule(tokenizer=SHIPPED_TEACHER, val_files="data/tiny_corpus/test.jsonl.gz", prompts=True,
+                        prompt_tokens=16, max_length=48)
+    dm.setup("validate")
+    heldout = dm.collate(dm.datasets["val"][:32])
+    kl_before, zero_before = _heldout(injected_student, heldout)
+    cli_main(["fit", "--config", config])
+    kl_after, zero_after = _heldout(str(root / "student"), heldout)
+    print(f"held-out reverse KL {kl_before:.4f} -> {kl_after:.4f}, zero ratio {zero_before:.3f} -> {zero_after:.3f}")
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    assert zero_after >= zero_before - 0.02, (zero_before, zero_after)
+    metrics = read_metrics(root)
+    assert len(series(metrics, "train/reverse_kl")) == 10 and series(metrics, "train/clip_fraction")
+    assert all(0.0 <= v <= 1.0 for v in series(metrics, "train/zero_ratio"))

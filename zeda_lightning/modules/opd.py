@@ -144,6 +144,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         replay = {}
         for layer, outs in records.items():
             ids = torch.cat([o.pool_indices.view(rows, -1, o.top_k) for o in outs], dim=1)  # (R, P + G - 1, K)
+            # Under FSDP, generate keeps a finished rank stepping (synced_gpus) without adding tokens: drop those.
+            ids = ids[:, : total - 1]
             pad_ids = ids.new_full((rows, total - ids.shape[1], ids.shape[2]), -1)
             replay[layer] = torch.cat([ids, pad_ids], dim=1).reshape(rows * total, -1)
         return {
