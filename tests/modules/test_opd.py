@@ -71,6 +71,8 @@ def test_routing_replay_reproduces_sampler_indices(tiny_teacher, tiny_data, stag
 def test_opd_bad_input(tmp_path, tiny_teacher, tiny_data, stage1_student):
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         OnPolicyDistillModule(teacher=tiny_teacher, num_samples=0)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        OnPolicyDistillModule(teacher=tiny_teacher, activation_checkpointing=True)
     config, root = opd_config(tmp_path, tiny_teacher, tiny_data, student=stage1_student, max_new_tokens=120)
     cfg = yaml.safe_load(open(config))
     cfg["model"]["init_args"]["max_new_tokens"] = 125

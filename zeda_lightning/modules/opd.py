@@ -69,6 +69,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
         if rollout_reuse < 1:
             raise ValueError(f"rollout_reuse must be >= 1, got {rollout_reuse}")
         kwargs.setdefault("objective", "reverse_kl")
+        if routing_replay and kwargs.get("activation_checkpointing"):
+            raise ValueError(
+                "routing_replay with activation_checkpointing would recompute each layer in backward without the "
+                "replayed expert choices; set activation_checkpointing: false (or routing_replay: false)"
+            )
         super().__init__(*args, **kwargs)
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
