@@ -1,4 +1,5 @@
-"""On-policy distillation: routing replay, a short run that lowers reverse KL, and bad input."""
+"""On-policy distillation: routing replay, a short run that lowers reverse KL, the GKD mix, rollout reuse, and bad
+input."""
 
 from __future__ import annotations
 
@@ -150,3 +151,67 @@ def test_short_opd_run_lowers_heldout_reverse_kl(tmp_path, trained_stage1_studen
     clip = series(metrics, "train/clip_fraction")
     assert clip and all(0.0 <= v <= 1.0 for v in clip)
     assert all(0.0 <= v <= 1.0 for v in series(metrics, "train/zero_ratio"))
+
+
+class _Recording(OnPolicyDistillModule):
+    """Records which optimiser steps sampled a rollout and which trained off-policy on the batch's own rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled_at, self.off_policy_at = [], []
+
+    def make_rollout(self, batch):
+        self.sampled_at.append(self.global_step)
+        return super().make_rollout(batch)
+
+    def _shared_step(self, batch, stage):
+        if stage == "train":
+            self.off_policy_at.append(self.global_step)
+        return super()._shared_step(batch, stage)
+
+
+def _fit_recording(tiny_teacher, tiny_data, steps, **kwargs):
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    module = _Recording(teacher=tiny_teacher, routing=ZeroExperts(seed=0), max_new_tokens=6,
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.1), lr_schedule="constant", warmup_ratio=0.0,
+                        **kwargs)
+    dm = ZedaDataModule(tokenizer=tiny_teacher, train_files=tiny_data["train"], prompts=True, prompt_tokens=8,
+                        max_length=32, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 0.5, 1.0])
+def test_lmbda_mixes_on_and_off_policy_steps(tiny_teacher, tiny_data, lmbda):
+    """GKD's mix: every step is either a fresh rollout or the batch's own rows, never both, in the share lmbda."""
+    steps = 12
+    module, trainer = _fit_recording(tiny_teacher, tiny_data, steps, lmbda=lmbda, seed=3)
+    assert trainer.global_step == steps
+    assert sorted(module.sampled_at + module.off_policy_at) == list(range(steps))
+    if lmbda == 0.0:
+        assert module.sampled_at == []
+    elif lmbda == 1.0:
+        assert module.off_policy_at == []
+    else:
+        assert 0 < len(module.sampled_at) < steps  # both kinds occur (seed 3: 4 of 12 on-policy)
+    on = torch.tensor([s in module.sampled_at for s in range(steps)])
+    again, _ = _fit_recording(tiny_teacher, tiny_data, steps, lmbda=lmbda, seed=3)
+    assert torch.equal(on, torch.tensor([s in again.sampled_at for s in range(steps)]))  # seeded draw
+
+
+def test_rollout_reuse_samples_every_n_steps_and_moves_the_ratio(tiny_teacher, tiny_data):
+    """rollout_reuse=2: one rollout serves two optimiser steps; on the second, pi / pi_old is no longer 1."""
+    module, trainer = _fit_recording(tiny_teacher, tiny_data, 6, rollout_reuse=2)
+    assert module.sampled_at == [0, 2, 4]
+    rollout = module._rollout  # the step-4 rollout, after its two updates
+    p = rollout["prompt_len"]
+    logits, _ = module._forward_student(rollout)
+    from zeda_lightning.losses import sequence_logprobs
+
+    logp = sequence_logprobs(logits[:, p - 1 : -1], rollout["input_ids"][:, p:])
+    mask = rollout["response_mask"]
+    assert (logp - rollout["old_logp"]).abs()[mask].max() > 1e-6
