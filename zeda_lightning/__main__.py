@@ -1,6 +1,47 @@
-"""``python -m zeda_lightning <fit|validate|test|predict|generate|demo> ...``"""
+"""``python -m zeda_lightning <fit|validate|test|predict|generate|budget|eval|estimate|consolidate|demo> ...``
+
+Bad input (a ``ValueError`` or a missing / existing file) ends the command with one line naming the problem and
+the fix, exit status 2, instead of a traceback; ``ZEDA_TRACEBACK=1`` shows the traceback. Python callers of
+:func:`zeda_lightning.cli.main` get the exception itself.
+"""
+
+import os
+import sys
+import traceback
 
 from zeda_lightning.cli import main
 
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _origin(err: BaseException) -> BaseException:
+    """The innermost input error raised by this package: jsonargparse wraps a check that fails while it instantiates
+    the YAML's classes in a union-type error that buries the message."""
+    found, seen = err, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        frames = traceback.extract_tb(err.__traceback__)
+        if isinstance(err, INPUT_ERRORS) and frames and frames[-1].filename.startswith(PACKAGE_DIR):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def run() -> None:
+    try:
+        main()
+    except INPUT_ERRORS as top:
+        if os.environ.get("ZEDA_TRACEBACK"):
+            raise
+        err = _origin(top)
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        sys.stderr.write(f"zeda_lightning: error: {err}\n"
+                         f"  (raised at {where.filename}:{where.lineno}; ZEDA_TRACEBACK=1 shows the traceback)\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run()
