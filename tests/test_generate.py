@@ -140,3 +140,32 @@ def test_generate_single_prompt_bad_input(tmp_path, budget_student, tiny_teacher
         (no_tok / name).write_bytes(open(f"{budget_student}/{name}", "rb").read())
     with pytest.raises(ValueError, match="no tokenizer files"):
         generate_text(str(no_tok), "hi")
+
+
+def test_sampling_uses_the_whole_vocabulary_every_eos_and_leaves_the_caller_state(budget_student):
+    """Unset, transformers' top_k default (50) would silently truncate stage-1 samples; generation must stop at every
+    eos id; the caller's tokenizer padding and random state are not changed."""
+    import torch
+
+    from zeda_lightning.generate import eos_token_ids, generate_text, load_for_generation
+
+    lm, tok = load_for_generation(budget_student)
+    tok.padding_side = "right"
+    lm.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    seen = {}
+
+    def fake_generate(**kwargs):
+        seen.update(kwargs)
+        return kwargs["input_ids"]
+
+    lm.generate = fake_generate
+    torch.manual_seed(123)
+    expected_next = torch.rand(())
+    torch.manual_seed(123)
+    generate_text(lm, "12 + 30 =", tok, temperature=1.0, seed=7)
+    assert seen["top_k"] == 0 and seen["do_sample"] is True
+    assert seen["eos_token_id"] == eos_token_ids(lm, tok) == [tok.eos_token_id, 5]
+    assert tok.padding_side == "right"
+    assert torch.equal(torch.rand(()), expected_next)  # the sampler's seed did not reset the global generator
+    generate_text(lm, "12 + 30 =", tok, temperature=1.0, top_k=20)
+    assert seen["top_k"] == 20

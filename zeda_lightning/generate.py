@@ -34,6 +34,16 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
     return rows
 
 
+def eos_token_ids(lm, tok=None) -> list[int]:
+    """Every end-of-sequence id: the generation config's (often a list: GLM ends an assistant turn with
+    ``<|user|>``, Qwen3 with ``<|im_end|>``) plus the tokenizer's. Generation must stop at any of them."""
+    ids = lm.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(int(tok.eos_token_id))
+    return [int(i) for i in ids]
+
+
 def load_for_generation(model: str):
     """``(model, tokenizer)`` from a directory, checked first: weights, config, tokenizer (left padding)."""
     from transformers import AutoTokenizer
@@ -48,8 +58,8 @@ def load_for_generation(model: str):
     return from_pretrained(model), tok
 
 
-def _sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, num_samples: int,
-            max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
+def _sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+            num_samples: int, max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
     """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
     (text-major order) and their token counts. Skipped expert slots cost nothing in prefill and decode alike."""
     if num_samples < 1:
@@ -71,10 +81,12 @@ def _sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: floa
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
             top_p=top_p if temperature > 0 else None,
+            # explicit: left unset, transformers' default (or the checkpoint's) silently truncates to the top 50
+            top_k=top_k if temperature > 0 else None,
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_samples,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=eos_token_ids(lm, tok),
         )
     new = gen[:, batch["input_ids"].shape[1] :]
     texts_out = [tok.decode(seq, skip_special_tokens=True) for seq in new]
@@ -88,11 +100,13 @@ def generate_text(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     seed: int = 0,
 ) -> str | list[str]:
     """Continue ``prompt`` (one string or a list) with a model directory or a loaded model + ``tokenizer``.
 
-    Greedy by default (``temperature=0``). A zeda export keeps its compute budget (``config.zeda_budget``).
+    Greedy by default (``temperature=0``); ``top_k=0`` samples from the whole vocabulary. A zeda export keeps its
+    compute budget (``config.zeda_budget``). The caller's tokenizer settings and random state are left as they were.
     """
     if isinstance(model, str):
         lm, tok = load_for_generation(model)
@@ -100,16 +114,34 @@ def generate_text(
         raise ValueError("generate_text with a loaded model needs its tokenizer: generate_text(model, prompt, tok)")
     else:
         lm, tok = model, tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not texts:
         raise ValueError("generate_text needs at least one prompt")
-    torch.manual_seed(seed)
-    out, _ = _sample(lm, tok, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     num_samples=1, max_prompt_tokens=None, where="prompt")
+    saved = tok.padding_side, tok.pad_token
+    try:
+        tok.padding_side = "left"  # decoder-only generation pads on the left
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        with _seeded(seed, lm):
+            out, _ = _sample(lm, tok, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, num_samples=1, max_prompt_tokens=None, where="prompt")
+    finally:
+        tok.padding_side = saved[0]
+        if saved[1] is None:
+            tok.pad_token = None
     return out[0] if isinstance(prompt, str) else out
+
+
+def _seeded(seed: int, lm):
+    """Seed the sampler without touching the caller's random state (CPU and the model's accelerator)."""
+    import contextlib
+
+    dev = next(lm.parameters()).device
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=devices))
+    torch.manual_seed(seed)
+    return stack
 
 
 def generate_responses(
@@ -120,6 +152,7 @@ def generate_responses(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     num_samples: int = 1,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
@@ -137,6 +170,7 @@ def generate_responses(
         max_new_tokens: most new tokens per response.
         temperature: sampling temperature (0 = greedy).
         top_p: nucleus sampling threshold.
+        top_k: sample among the k most likely tokens only (0 = the whole vocabulary, the default).
         num_samples: responses per prompt.
         batch_size: prompts per generate call.
         max_prompt_tokens: refuse prompts longer than this many tokens (default: context minus max_new_tokens).
@@ -161,7 +195,7 @@ def generate_responses(
         start = time.perf_counter()
         with capture_routing(lm, accumulate=True) as rec:
             texts, counts = _sample(lm, tok, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, num_samples=num_samples, max_prompt_tokens=max_prompt_tokens,
+                                    top_p=top_p, top_k=top_k, num_samples=num_samples, max_prompt_tokens=max_prompt_tokens,
                                     where="--prompt")
         seconds = time.perf_counter() - start
         result = {"prompt": prompt, "response": texts[0] if num_samples == 1 else texts, "new_tokens": sum(counts),
@@ -182,7 +216,7 @@ def generate_responses(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         texts, counts = _sample(lm, tok, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, num_samples=num_samples,
+                                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
                                 max_prompt_tokens=max_prompt_tokens, where=prompts)
         n_tokens += sum(counts)
         results += [{**chunk[j // num_samples], "response": text} for j, text in enumerate(texts)]

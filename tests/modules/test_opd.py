@@ -170,7 +170,7 @@ class _Recording(OnPolicyDistillModule):
         return super()._shared_step(batch, stage)
 
 
-def _fit_recording(tiny_teacher, tiny_data, steps, **kwargs):
+def _fit_recording(tiny_teacher, tiny_data, steps, accumulate=1, **kwargs):
     import lightning as L
 
     L.seed_everything(0, verbose=False)
@@ -180,7 +180,8 @@ def _fit_recording(tiny_teacher, tiny_data, steps, **kwargs):
     dm = ZedaDataModule(tokenizer=tiny_teacher, train_files=tiny_data["train"], prompts=True, prompt_tokens=8,
                         max_length=32, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accumulate_grad_batches=accumulate)
     trainer.fit(module, datamodule=dm)
     return module, trainer
 
@@ -207,7 +208,8 @@ def test_rollout_reuse_samples_every_n_steps_and_moves_the_ratio(tiny_teacher, t
     """rollout_reuse=2: one rollout serves two optimiser steps; on the second, pi / pi_old is no longer 1."""
     module, trainer = _fit_recording(tiny_teacher, tiny_data, 6, rollout_reuse=2)
     assert module.sampled_at == [0, 2, 4]
-    rollout = module._rollout  # the step-4 rollout, after its two updates
+    step, rollout = module._rollouts[0]  # the step-4 rollout, after its two updates
+    assert step == 4
     p = rollout["prompt_len"]
     logits, _ = module._forward_student(rollout)
     from zeda_lightning.losses import sequence_logprobs
@@ -215,3 +217,28 @@ def test_rollout_reuse_samples_every_n_steps_and_moves_the_ratio(tiny_teacher, t
     logp = sequence_logprobs(logits[:, p - 1 : -1], rollout["input_ids"][:, p:])
     mask = rollout["response_mask"]
     assert (logp - rollout["old_logp"]).abs()[mask].max() > 1e-6
+
+
+def test_rollout_reuse_keeps_one_rollout_per_micro_batch_under_accumulation(tiny_teacher, tiny_data):
+    """With 2 micro-batches per optimiser step, each keeps its own rollout for rollout_reuse steps (one shared
+    rollout would train every micro-batch on the last one's samples)."""
+    module, _ = _fit_recording(tiny_teacher, tiny_data, 4, accumulate=2, rollout_reuse=2)
+    assert module.sampled_at == [0, 0, 2, 2]
+    (s0, r0), (s1, r1) = module._rollouts[0], module._rollouts[1]
+    assert s0 == s1 == 2 and not torch.equal(r0["input_ids"][:, : r0["prompt_len"]], r1["input_ids"][:, : r1["prompt_len"]])
+
+
+def test_sampling_stops_at_every_eos_id(tiny_teacher):
+    """A response ends at any of the generation config's eos ids (GLM ends an assistant turn with <|user|>)."""
+    module = OnPolicyDistillModule(teacher=tiny_teacher, routing=ZeroExperts(seed=0), max_new_tokens=4)
+    module.configure_model()
+    pad, eos = module._special_ids()
+    module.student.generation_config.eos_token_id = [eos[0], 7]
+    del module._pad_eos
+    assert module._special_ids()[1] == [eos[0], 7]
+    prompt = torch.tensor([[3, 4]])
+    seqs = torch.tensor([[3, 4, 5, 7, 9, 9], [3, 4, 5, 6, eos[0], 9]])  # stop at the second id, at the first
+    module.student.generate = lambda **kw: seqs  # what a sampler returns; the mask is built from it
+    module.num_samples = 2
+    rollout = module.sample(prompt, torch.ones_like(prompt))
+    assert rollout["response_mask"].tolist() == [[True, True, False, False], [True, True, True, False]]

@@ -80,7 +80,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
         self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
-        self._rollout: dict[str, Any] | None = None
+        self._rollouts: dict[int, tuple[int, dict[str, Any]]] = {}  # micro-batch slot -> (step sampled, rollout)
 
     # -- checks -------------------------------------------------------------------------------------------------
     @override
@@ -100,21 +100,21 @@ class OnPolicyDistillModule(ZedaDistillModule):
             )
 
     # -- sampling -------------------------------------------------------------------------------------------------
-    def _special_ids(self) -> tuple[int, int]:
-        """``(pad, eos)`` from the generation config, else the tokenizer shipped with the teacher."""
+    def _special_ids(self) -> tuple[int, list[int]]:
+        """``(pad, every eos id)`` from the generation config and the tokenizer shipped with the teacher: a chat
+        model often has several (GLM ends an assistant turn with ``<|user|>``), and a response ends at any of them."""
         if not hasattr(self, "_pad_eos"):
-            cfg = self.student.generation_config
-            pad, eos = cfg.pad_token_id, cfg.eos_token_id
-            if pad is None or eos is None:
-                from transformers import AutoTokenizer
+            from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(self.teacher_path)
-                eos = tok.eos_token_id if eos is None else eos
-                pad = (tok.pad_token_id if tok.pad_token_id is not None else eos) if pad is None else pad
-            eos = eos[0] if isinstance(eos, list) else eos
-            if eos is None:
+            from zeda_lightning.generate import eos_token_ids
+
+            tok = AutoTokenizer.from_pretrained(self.teacher_path)
+            eos = eos_token_ids(self.student, tok)
+            if not eos:
                 raise ValueError(f"{self.teacher_path}: no eos token id in the generation config or tokenizer")
-            self._pad_eos = (int(pad), int(eos))
+            pad = self.student.generation_config.pad_token_id
+            pad = (tok.pad_token_id if tok.pad_token_id is not None else eos[0]) if pad is None else pad
+            self._pad_eos = (int(pad), eos)
         return self._pad_eos
 
     @torch.no_grad()
@@ -130,8 +130,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
         student.eval()
         pad, eos = self._special_ids()
         gen = torch.Generator(device="cpu").manual_seed(self.seed if seed is None else seed)
+        dev = prompt_ids.device
+        # manual_seed reseeds every accelerator too: fork their state as well, or sampling would reset it each step
+        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         start = time.perf_counter()
-        with capture_routing(student, accumulate=True) as records, torch.random.fork_rng(devices=[]):
+        with capture_routing(student, accumulate=True) as records, torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             seq = student.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
@@ -143,7 +146,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         plen = prompt_ids.shape[1]
         rows, total = seq.shape
         response = seq[:, plen:]  # (R, G)
-        is_eos = (response == eos).long()
+        is_eos = torch.isin(response, torch.tensor(eos, device=response.device)).long()
         response_mask = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first EOS
         attention_mask = torch.cat([prompt_mask.repeat_interleave(self.num_samples, 0), response_mask.long()], dim=1)
         replay = {}
@@ -188,7 +191,12 @@ class OnPolicyDistillModule(ZedaDistillModule):
             old_logits = self._forward_student(rollout)[0][:, p - 1 : -1]
         rollout["teacher_logp"] = sequence_logprobs(teacher_logits, response)
         rollout["old_logp"] = sequence_logprobs(old_logits, response)
-        rollout["teacher_log_probs"] = torch.log_softmax(teacher_logits.float(), -1)
+        teacher_log_probs = torch.log_softmax(teacher_logits.float(), -1)  # (R, G, V)
+        # the exact per-position reverse KL of the sampling policy, for the log (the training policy when
+        # rollout_reuse = 1); the full teacher distribution (R x G x V in fp32) is kept only when it is the loss
+        rollout["reverse_kl"] = token_kl(torch.log_softmax(old_logits.float(), -1), teacher_log_probs)
+        if self.exact_reverse_kl:
+            rollout["teacher_log_probs"] = teacher_log_probs
         return rollout
 
     # -- training -----------------------------------------------------------------------------------------------
@@ -202,20 +210,24 @@ class OnPolicyDistillModule(ZedaDistillModule):
     def training_step(self, batch, batch_idx):
         if not self._on_policy():
             return self._shared_step(batch, "train")
-        if self._rollout is None or self.global_step % self.rollout_reuse == 0:
-            self._rollout = self.make_rollout(batch)
-        rollout = self._rollout
+        # one rollout per micro-batch of an optimiser step, each reused for rollout_reuse steps
+        slot = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        cached = self._rollouts.get(slot)
+        fresh = self.global_step % self.rollout_reuse == 0 and (cached is None or cached[0] != self.global_step)
+        if cached is None or fresh:
+            self._rollouts[slot] = (self.global_step, self.make_rollout(batch))
+        rollout = self._rollouts[slot][1]
         p = rollout["prompt_len"]
         mask = rollout["response_mask"]
         logits, records = self._forward_student(rollout)
         s_logits = logits[:, p - 1 : -1]  # (R, G, V)
         log_s = torch.log_softmax(s_logits.float(), -1)
-        log_t = rollout["teacher_log_probs"]
-        exact_rkl = token_kl(log_s, log_t)  # (R, G) per-position reverse KL with full distributions
         if self.exact_reverse_kl:
+            exact_rkl = token_kl(log_s, rollout["teacher_log_probs"])  # (R, G) with full distributions
             policy_loss = masked_mean(exact_rkl, mask)
             clip_fraction = torch.zeros(())
         else:
+            exact_rkl = rollout["reverse_kl"]
             logp = log_s.gather(-1, rollout["input_ids"][:, p:].unsqueeze(-1)).squeeze(-1)
             adv = reverse_kl_advantage(rollout["teacher_logp"], rollout["old_logp"])
             policy_loss, clip_fraction = ppo_clip_loss(logp, rollout["old_logp"], adv, mask, self.clip_eps, self.clip_eps_high)
