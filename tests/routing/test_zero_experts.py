@@ -103,3 +103,29 @@ def test_router_output_record():
     # pool ids >= N are exactly the skipped slots
     assert torch.equal(r.pool_indices >= 8, r.skipped)
     assert (r.routing_weights[r.skipped] == 0).all()
+
+
+def test_pool_logits_are_fp32_under_bf16_autocast():
+    """ZEDA trains its router in fp32: under bf16 autocast the extended router still computes fp32 logits (top-K
+    over N + N_Z bf16-rounded logits would tie) and hands the experts weights in the autocast dtype, as the original
+    router does; masked, it is the original op sequence."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe").eval()
+    inject(model, ZeroExperts(seed=0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        with capture_routing(model) as fp32:
+            ref = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16), capture_routing(model) as mixed:
+            out = model(input_ids=ids).logits
+    assert torch.isfinite(out).all() and (out.float() - ref).abs().max() < 0.5
+    for layer, rec in mixed.items():
+        assert rec.router_logits.dtype == torch.float32
+        # same hidden states in, same choice out: layer 0 sees identical inputs in both runs
+        if layer == min(mixed):
+            assert torch.allclose(rec.router_logits, fp32[layer].router_logits, atol=0.05)
+    router = next(m for m in model.modules() if hasattr(m, "num_zero_experts"))
+    h = torch.randn(5, model.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights, _ = router(h)
+    assert logits.dtype == torch.float32 and weights.dtype == torch.bfloat16

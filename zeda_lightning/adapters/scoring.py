@@ -30,6 +30,13 @@ class RouterScoring(ABC):
     def logits(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(h, weight, bias)  # (T, P)
 
+    def pool_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Logits over an extended pool (real + zero / null slots) in fp32 with autocast off, as the ZEDA code
+        trains its router: top-K over N + N_Z logits rounded to bf16 ties often, and the aux losses want fp32
+        probabilities. Masked routers keep the family's own :meth:`logits` (bit-identical to the original)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), weight.float(), None if bias is None else bias.float())  # (T, P) fp32
+
     @abstractmethod
     def select(
         self, logits: Tensor, num_real: int, k: int, correction_bias: Tensor | None = None
@@ -174,3 +181,11 @@ class LogitTopKSoftmaxScoring(RouterScoring):
             return torch.nn.functional.softmax(top_scores, dim=1, dtype=top_scores.dtype)
         weights = torch.nn.functional.softmax(top_scores.masked_fill(~norm_mask, float("-inf")), dim=1)
         return torch.nan_to_num(weights, nan=0.0)  # all slots masked: softmax of -inf row is NaN -> 0
+
+
+def compute_dtype(h: Tensor) -> torch.dtype:
+    """The dtype the original router's logits would have for input ``h``: autocast's when it is on, else ``h``'s.
+    Combine weights are cast to it, so the experts see what the original model gives them."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from zeda_lightning.adapters.scoring import compute_dtype
 from zeda_lightning.routing.base import MoEDims, RouterOutput, register_routing
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
@@ -31,12 +32,12 @@ class LongCatBiasRouter(ZeroExpertRouter):
         n = self.num_experts
         if self.mask_zero or self.num_zero_experts == 0:
             return super().route(h)  # the original op sequence
-        logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N + N_Z)
+        logits = self.scoring.pool_logits(h, self.weight, self.bias)  # (T, N + N_Z) fp32
         bias = self.zero_selection_bias.to(logits.dtype)
         for_choice = torch.cat([logits[:, :n], logits[:, n:] + bias], dim=-1)  # (T, N + N_Z), selection only
         idx, _ = self._select(for_choice, n, self.top_k, self.e_score_correction_bias)  # (T, K)
         # NOTE: weights from the unbiased scores (LongCat / DeepSeek-V3: the bias never enters the output)
-        weights = self.scoring.combine(self.scoring.gather_scores(logits, idx), logits.dtype)  # (T, K)
+        weights = self.scoring.combine(self.scoring.gather_scores(logits, idx), compute_dtype(h))  # (T, K)
         skip = idx >= n
         if self.training:
             self._skipped = self._skipped.to(skip.device) + skip.sum().detach()

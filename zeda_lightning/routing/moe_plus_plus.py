@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from zeda_lightning.adapters.scoring import compute_dtype
 from zeda_lightning.routing.base import MoEDims, RouterOutput, register_routing
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
@@ -51,14 +52,14 @@ class MoEPlusPlusRouter(ZeroExpertRouter):
             self._last_logits = None
             self._hand_off(None)
             return super().route(h)  # the original op sequence, nothing to add
-        logits = self.scoring.logits(h, self.weight, self.bias)  # (T, P)
+        logits = self.scoring.pool_logits(h, self.weight, self.bias)  # (T, P) fp32
         prev = self._previous[0]._last_logits if self._previous else None
         if self.residual_gate is not None and prev is not None and prev.shape == logits.shape:
             # NOTE: MoE++ gating residual G_j = W_j x + W_g G_{j-1}
             logits = logits + prev.to(logits.dtype) @ self.residual_gate.T.to(logits.dtype)
         self._last_logits = logits
         idx, top_scores = self._select(logits, n, self.top_k, self.e_score_correction_bias)  # (T, K)
-        weights = self.scoring.combine(top_scores, logits.dtype)  # (T, K), renorm over all K slots
+        weights = self.scoring.combine(top_scores, compute_dtype(h))  # (T, K), renorm over all K slots
         self._hand_off(self.zero_gemm_output(h, idx, weights))
         return self._output(logits, weights, idx, idx >= n)
 

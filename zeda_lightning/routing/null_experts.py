@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from zeda_lightning.adapters.scoring import compute_dtype
 from zeda_lightning.routing.base import (
     BaseRouter,
     MoEDims,
@@ -33,8 +34,8 @@ class NullExpertRouter(BaseRouter):
         if self.num_null == 0:  # rho = 1: an ordinary MoE, the original op sequence
             logits, weights, idx = self._original_route(h)
             return self._output(logits, weights, idx, None)
-        real_logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N)
-        null_logits = self.scoring.logits(h, self.null_weight.to(self.weight.dtype))  # (T, 1) or (T, M)
+        real_logits = self.scoring.pool_logits(h, self.weight, self.bias)  # (T, N) fp32
+        null_logits = self.scoring.pool_logits(h, self.null_weight)  # (T, 1) or (T, M) fp32
         if not self.independent:
             # NOTE: one logit copied M times == a null entry with log-prior ln M in a softmax over N + 1.
             null_logits = null_logits.expand(-1, self.num_null)
@@ -45,7 +46,7 @@ class NullExpertRouter(BaseRouter):
         idx, top_scores = self._select(logits, n, self.top_k, ecb)  # (T, K)
         real = idx < n
         # NOTE: renormalise over the selected real experts only; a token with every slot null gets exactly 0.
-        weights = self.scoring.combine(top_scores, logits.dtype, norm_mask=real)
+        weights = self.scoring.combine(top_scores, compute_dtype(h), norm_mask=real)
         return self._output(logits, weights, idx, ~real)
 
     def extra_repr(self) -> str:

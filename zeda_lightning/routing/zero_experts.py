@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zeda_lightning.adapters.scoring import compute_dtype
 from zeda_lightning.routing.base import (
     BaseRouter,
     MoEDims,
@@ -45,12 +46,12 @@ class ZeroExpertRouter(BaseRouter):
         if self.mask_zero or self.num_zero_experts == 0:
             logits, weights, idx = self._original_route(h, rows=self._frozen_rows)  # (T, N), (T, K), (T, K)
             return self._output(self._pad_logits(logits, pool), weights, idx, None)
-        logits = self.scoring.logits(h, self.weight, self.bias)  # (T, N + N_Z)
+        logits = self.scoring.pool_logits(h, self.weight, self.bias)  # (T, N + N_Z) fp32
         if self.zero_logit_bias:
             logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
         idx, top_scores = self._select(logits, n, self.top_k, self.e_score_correction_bias)  # (T, K)
         # NOTE: the family's renorm runs over all K slots, zero slots included (ZEDA code), before the drop.
-        weights = self.scoring.combine(top_scores, logits.dtype)  # (T, K)
+        weights = self.scoring.combine(top_scores, compute_dtype(h))  # (T, K)
         return self._output(logits, weights, idx, idx >= n)
 
     def extra_repr(self) -> str:
