@@ -129,3 +129,22 @@ def test_pool_logits_are_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, weights, _ = router(h)
     assert logits.dtype == torch.float32 and weights.dtype == torch.bfloat16
+
+
+def test_each_layer_draws_its_own_new_rows_and_the_seed_reproduces_them():
+    """New rows are mean_d + std_d * randn per layer: one seeded generator serves the whole model, so layers get
+    independent noise (a fresh generator per layer would give every layer the same randn matrix)."""
+
+    def noise(seed):
+        torch.manual_seed(0)
+        model = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=seed))
+        out = []
+        for r in (m for m in model.modules() if hasattr(m, "num_zero_experts")):
+            real, new = r.weight[: r.num_experts], r.weight[r.num_experts :]
+            out.append((new - real.mean(0)) / real.std(0))  # the randn draw behind each new row
+        return out
+
+    a, b = noise(3), noise(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible
+    assert len(a) > 1 and not torch.allclose(a[0], a[1], atol=1e-3)  # but not the same across layers
+    assert not torch.allclose(a[0], noise(4)[0], atol=1e-3)

@@ -118,11 +118,14 @@ def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> n
         raise ValueError(f"{adapter.model_type} adapter did not recognise the MoE blocks {missed}; update its router_class")
 
     plans: list[tuple[nn.Module, BaseRouter]] = []
+    first = getattr(blocks[0][1], adapter.router_attr).weight if blocks else None
+    # one generator for the whole model: every layer's new rows get their own draw
+    generator = routing.make_generator(first.device) if init and first is not None and not first.is_meta else None
     for i, (name, block) in enumerate(blocks):
         original = getattr(block, adapter.router_attr)
         dims = adapter.dims(original)
         routing.validate(dims)
-        router = routing.build(original, dims, adapter.scoring(original), init=init)
+        router = routing.build(original, dims, adapter.scoring(original), init=init, generator=generator)
         router.layer_idx = _layer_index(name, i)
         plans.append((block, router))
     # -- nothing above changed the model; from here on, swap -------------------------------------------------

@@ -178,8 +178,16 @@ class RoutingVariant(ABC):
         """Fill a freshly allocated router from the original one (default: copy rows, sample the new ones)."""
         copy_original_rows(router, original, generator)
 
-    def build(self, original: nn.Module, dims: MoEDims, scoring: RouterScoring, *, init: bool = True) -> BaseRouter:
-        """Router module replacing ``original``. ``init=False`` only allocates (weights come from a checkpoint)."""
+    def make_generator(self, device) -> torch.Generator | None:
+        """One generator for a whole model's new rows, from ``seed`` (``None``: torch's global RNG). ``inject``
+        draws every layer from it in turn, so each layer gets its own noise, as independent draws would."""
+        seed = getattr(self, "seed", None)
+        return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    def build(self, original: nn.Module, dims: MoEDims, scoring: RouterScoring, *, init: bool = True,
+              generator: torch.Generator | None = None) -> BaseRouter:
+        """Router module replacing ``original``. ``init=False`` only allocates (weights come from a checkpoint).
+        ``generator``: the model-wide one from :meth:`make_generator` (default: a fresh one from ``seed``)."""
         router = self.make_router(
             dims,
             scoring,
@@ -190,8 +198,7 @@ class RoutingVariant(ABC):
         for p in router.parameters():  # router rows in the original's dtype; the correction bias stays fp32
             p.data = p.data.to(original.weight.dtype)
         if init and not original.weight.is_meta:
-            seed = getattr(self, "seed", None)
-            gen = None if seed is None else torch.Generator(device=original.weight.device).manual_seed(seed)
+            gen = generator if generator is not None else self.make_generator(original.weight.device)
             self.init_router(router, original, gen)
         return router
 
