@@ -209,7 +209,12 @@ class SafetensorsReader:
                 if not missing:
                     return torch.stack([torch.cat([self._slice(n, 0, None) for n in group]) for group in names])
                 break
-        raise ValueError(f"{self.path}: no tensor {key} (nor its per-expert parts) in the checkpoint")
+        raise ValueError(
+            f"{self.path}: no tensor {key} (nor its per-expert parts experts.{{e}}.gate_proj/up_proj/down_proj) in the "
+            "checkpoint. The sharded loader reads module names as they are, and the per-expert names of the Qwen, "
+            "GLM and DeepSeek families; a family whose checkpoint keys transformers renames on load (Mixtral's "
+            "block_sparse_moe.experts.{e}.w1/w2/w3) is not read shard by shard yet: train it without FSDP"
+        )
 
 
 def _local_rows(t: Tensor) -> tuple[Tensor, int, int]:
