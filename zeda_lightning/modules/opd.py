@@ -211,7 +211,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         if not self._on_policy():
             return self._shared_step(batch, "train")
         # one rollout per micro-batch of an optimiser step, each reused for rollout_reuse steps
-        slot = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        slot = batch_idx % max(1, accumulate)
         cached = self._rollouts.get(slot)
         fresh = self.global_step % self.rollout_reuse == 0 and (cached is None or cached[0] != self.global_step)
         if cached is None or fresh:
