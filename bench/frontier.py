@@ -255,16 +255,16 @@ def compare_at_matched_flops(rows: list[dict], reference: str = "zeda") -> list[
     interpolated at the same realised expert-FLOP fraction (None where that method's frontier does not reach it)
     and whether the reference is lower."""
     metrics = [m for m in ("nll", "kl_to_teacher") if all(m in r for r in rows)]
+    frontiers: dict[str, dict[str, list[tuple[float, float]]]] = {m: {} for m in metrics}  # metric -> method -> pts
+    for o in (o for o in rows if o["method"] != reference):
+        for metric in metrics:
+            frontiers[metric].setdefault(o["method"], []).append((o["expert_flop_fraction"], o[metric]))
     out = []
     for r in (r for r in rows if r["method"] == reference):
         x = r["expert_flop_fraction"]
         entry = {"target": r["target"], "expert_flop_fraction": round(x, 4)}
         for metric in metrics:
-            by_method: dict[str, list[tuple[float, float]]] = {}
-            for o in rows:
-                if o["method"] != reference:
-                    by_method.setdefault(o["method"], []).append((o["expert_flop_fraction"], o[metric]))
-            others = {m: interpolate(pts, x) for m, pts in by_method.items()}
+            others = {m: interpolate(pts, x) for m, pts in frontiers[metric].items()}
             suffix = "" if metric == "nll" else "_kl"
             entry[metric] = round(r[metric], 4)
             entry[f"others_{metric}"] = {m: None if v is None else round(v, 4) for m, v in others.items()}

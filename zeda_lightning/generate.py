@@ -9,6 +9,7 @@ Prompt rows: ``{"prompt": ...}`` (plain text) or ``{"messages": [...]}`` (chat t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -122,7 +123,7 @@ def generate_text(
         tok.padding_side = "left"  # decoder-only generation pads on the left
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        with _seeded(seed, lm):
+        with seeded(seed, next(lm.parameters()).device):
             out, _ = _sample(lm, tok, texts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, num_samples=1, max_prompt_tokens=None, where="prompt")
     finally:
@@ -132,16 +133,14 @@ def generate_text(
     return out[0] if isinstance(prompt, str) else out
 
 
-def _seeded(seed: int, lm):
-    """Seed the sampler without touching the caller's random state (CPU and the model's accelerator)."""
-    import contextlib
-
-    dev = next(lm.parameters()).device
-    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=devices))
-    torch.manual_seed(seed)
-    return stack
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Seed sampling without touching the caller's random state: the CPU generator and, since ``manual_seed``
+    reseeds every accelerator too, that of ``device``."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def generate_responses(

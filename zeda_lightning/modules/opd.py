@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from zeda_lightning.losses import masked_mean, ppo_clip_loss, reverse_kl_advantage, sequence_logprobs, token_kl
+from zeda_lightning.generate import seeded
+from zeda_lightning.losses import masked_mean, ppo_clip_loss, reverse_kl_advantage, token_kl
 from zeda_lightning.modules.distill import ZedaDistillModule, _zero_ratio, zero_experts_masked
 from zeda_lightning.routing import capture_routing, replay_routing
 
@@ -130,12 +131,9 @@ class OnPolicyDistillModule(ZedaDistillModule):
         student.eval()
         pad, eos = self._special_ids()
         gen = torch.Generator(device="cpu").manual_seed(self.seed if seed is None else seed)
-        dev = prompt_ids.device
-        # manual_seed reseeds every accelerator too: fork their state as well, or sampling would reset it each step
-        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        sample_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         start = time.perf_counter()
-        with capture_routing(student, accumulate=True) as records, torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with capture_routing(student, accumulate=True) as records, seeded(sample_seed, prompt_ids.device):
             seq = student.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
                 top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples,
@@ -189,12 +187,14 @@ class OnPolicyDistillModule(ZedaDistillModule):
         teacher_logits = self._teacher_logits(rollout)[:, p - 1 : -1]  # (R, G, V) predicting the response
         with torch.no_grad():
             old_logits = self._forward_student(rollout)[0][:, p - 1 : -1]
-        rollout["teacher_logp"] = sequence_logprobs(teacher_logits, response)
-        rollout["old_logp"] = sequence_logprobs(old_logits, response)
         teacher_log_probs = torch.log_softmax(teacher_logits.float(), -1)  # (R, G, V)
+        old_log_probs = torch.log_softmax(old_logits.float(), -1)
+        tokens = response.unsqueeze(-1)
+        rollout["teacher_logp"] = teacher_log_probs.gather(-1, tokens).squeeze(-1)  # (R, G)
+        rollout["old_logp"] = old_log_probs.gather(-1, tokens).squeeze(-1)
         # the exact per-position reverse KL of the sampling policy, for the log (the training policy when
         # rollout_reuse = 1); the full teacher distribution (R x G x V in fp32) is kept only when it is the loss
-        rollout["reverse_kl"] = token_kl(torch.log_softmax(old_logits.float(), -1), teacher_log_probs)
+        rollout["reverse_kl"] = token_kl(old_log_probs, teacher_log_probs)
         if self.exact_reverse_kl:
             rollout["teacher_log_probs"] = teacher_log_probs
         return rollout
