@@ -12,7 +12,9 @@ collected by :func:`capture_routing`.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -167,6 +169,22 @@ class RoutingVariant(ABC):
     #: registry name, for notebooks and tests; YAML picks the class by ``class_path``.
     name: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every variant's ``__init__`` checks its arguments' types first (``num_zero_experts=2.5`` is refused
+        wherever it comes from: Python, a YAML dict, a saved ``config.json``)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__dict__["__init__"]
+
+        @functools.wraps(init)
+        def checked_init(self, *args: Any, **kw: Any) -> None:
+            bound = inspect.signature(init).bind(self, *args, **kw)
+            check_init_args(cls, {k: v for k, v in bound.arguments.items() if k != "self"}, cls.__name__)
+            init(self, *args, **kw)
+
+        cls.__init__ = checked_init
+
     def validate(self, dims: MoEDims) -> None:
         """Raise ``ValueError`` naming the problem and the fix; called for every block before any is changed."""
 
@@ -242,19 +260,89 @@ def get_routing(name: str, **kwargs: Any) -> RoutingVariant:
     return ROUTING_VARIANTS[name](**kwargs)
 
 
-def routing_from_config(cfg: dict[str, Any]) -> RoutingVariant:
-    """Rebuild a variant from ``to_config()`` output (the ``zeda_routing`` entry of a saved ``config.json``)."""
-    import importlib
+def _registered_class(class_path: str) -> type[RoutingVariant] | None:
+    """The registered variant a saved ``class_path`` names: its registry name, its defining module path or its
+    ``zeda_lightning.routing`` alias. Nothing is imported: only classes already registered can match."""
+    for name, cls in ROUTING_VARIANTS.items():
+        aliases = {name, cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}", f"zeda_lightning.routing.{cls.__qualname__}"}
+        if class_path in aliases:
+            return cls
+    return None
 
-    class_path = cfg.get("class_path", "")
-    module_name, _, cls_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import routing class_path {class_path!r}: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, RoutingVariant)):
-        raise ValueError(f"{class_path!r} is not a RoutingVariant subclass")
-    return cls(**cfg.get("init_args", {}))
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """``value`` fits a simple annotation (int, float, bool, str, None, unions, Literal, list/tuple of those)."""
+    import typing
+    import types
+
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_init_args(cls: type[RoutingVariant], init_args: Any, where: str = "routing") -> dict[str, Any]:
+    """Check ``init_args`` against ``cls.__init__``'s signature: known names, values of the annotated types.
+
+    Values from a file (a model's ``config.json``, a dict in YAML) are checked here before the class sees them.
+    """
+    import typing
+
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{where}: init_args of {cls.__name__} must be a mapping, got {init_args!r}")
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    hints = typing.get_type_hints(cls.__init__)
+    unknown = sorted(set(init_args) - set(params))
+    if unknown:
+        raise ValueError(f"{where}: {cls.__name__} has no argument(s) {unknown}; it takes {sorted(params)}")
+    for key, value in init_args.items():
+        annotation = hints.get(key, params[key].annotation)
+        if not _type_ok(value, annotation):
+            shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise ValueError(f"{where}: {cls.__name__}.{key} must be {shown}, got {value!r} "
+                             f"({type(value).__name__})")
+    return dict(init_args)
+
+
+def routing_from_config(cfg: Any, where: str = "routing") -> RoutingVariant:
+    """Rebuild a variant from ``to_config()`` output (the ``zeda_routing`` entry of a saved ``config.json``).
+
+    The ``class_path`` is resolved only through the registry (:func:`register_routing`): a name read from a model
+    directory or a checkpoint never imports a module. Register a research variant in your own code before loading
+    a model that uses it. ``init_args`` are type-checked against the variant's signature.
+    """
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("class_path"), str):
+        raise ValueError(f"{where}: a routing config is a mapping with a 'class_path' string, got {cfg!r}")
+    class_path = cfg["class_path"]
+    cls = _registered_class(class_path)
+    if cls is None:
+        raise ValueError(
+            f"{where}: routing class_path {class_path!r} is not a registered routing variant (registered: "
+            f"{sorted(ROUTING_VARIANTS)}); names read from a model or checkpoint are never imported: import the "
+            "module that defines it (decorated with @register_routing) in your own code first"
+        )
+    extra = sorted(set(cfg) - {"class_path", "init_args"})
+    if extra:
+        raise ValueError(f"{where}: unexpected routing config keys {extra}; expected class_path and init_args")
+    return cls(**check_init_args(cls, cfg.get("init_args", {}) or {}, where))
 
 
 def iter_routers(model: nn.Module):
