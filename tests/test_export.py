@@ -56,9 +56,13 @@ def test_export_refuses_a_non_empty_path_unless_overwrite(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         export_model(model, str(tmp_path / "file"))
-    export_model(model, str(out), overwrite=True)
-    assert "notes.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["file", "out"]  # no temporary siblings left
+    with pytest.raises(ValueError, match="not an export written by zeda_lightning"):
+        export_model(model, str(out), overwrite=True)  # only this package's own exports are ever replaced
+    assert os.listdir(out) == ["notes.txt"]
+    export_model(model, str(tmp_path / "exported"))
+    export_model(model, str(tmp_path / "exported"), overwrite=True)
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["exported", "file", "out"]  # no temporary siblings left
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path):

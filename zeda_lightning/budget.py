@@ -284,8 +284,8 @@ def budget_main(
     if mode not in ("per_layer", "global"):
         raise ValueError(f"mode must be 'per_layer' or 'global', got {mode!r}")
     cfg = check_model_dir(model, require_routing=True, require_tokenizer=True)
-    _check_export_target(out, overwrite)
-    tok = AutoTokenizer.from_pretrained(model)
+    _check_export_target(out, overwrite, protected=[model, calibration] + ([heldout] if heldout else []))
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     calib = text_blocks(calibration, tok, block_size, calibration_blocks)
     held = text_blocks(heldout, tok, block_size, heldout_blocks) if heldout else None
     if block_size > cfg.get("max_position_embeddings", block_size):
@@ -298,7 +298,7 @@ def budget_main(
     if held is not None:
         summary["heldout_zero_ratio"] = round(measure_zero_ratio(lm, held)["zero_ratio"], 6)
         record["heldout_zero_ratio"] = summary["heldout_zero_ratio"]
-    summary["out"] = export_model(lm, out, tok, overwrite=overwrite)
+    summary["out"] = export_model(lm, out, tok, overwrite=overwrite, protected=[model])
     return summary
 
 

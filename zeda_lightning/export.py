@@ -1,17 +1,29 @@
 """Save and rebuild models in transformers format, atomically, with the routing choice in ``config.json``.
 
-``export_model`` writes into a temporary sibling directory and renames it into place, so a crash never leaves a
-half-written export. ``from_pretrained`` rebuilds the family's model plus the injected routers from
-``config.zeda_routing`` with no remote code, and refuses pickle weight files.
+``export_model`` writes into a hidden temporary sibling directory (``.<name>.tmp-*``, holding an in-progress marker
+until it is complete) and renames it into place, so a crash never leaves a half-written export. Every export
+carries a ``zeda_export.json`` marker; ``overwrite`` only ever replaces a marked export, never the current working
+directory, a parent of it or a path the caller protects (its teacher, student source, checkpoints, logs). Replacing
+an export moves the old one aside (``.<name>.old-*``) before the new one is renamed in, so at every instant either
+the target or a recoverable marked ``.old-*`` exists; ``recover_export`` (run by ``export_model`` and, when the
+directory is missing, by ``check_model_dir`` / ``from_pretrained``) puts it back after a kill and removes marked
+leftovers, never anything without a marker. ``from_pretrained`` rebuilds the family's model plus the injected
+routers from ``config.zeda_routing`` with no remote code, and refuses pickle weight files and truncated
+safetensors files.
 """
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
 import shutil
+import socket
+import stat
+import struct
 import tempfile
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -22,57 +34,425 @@ from zeda_lightning.routing import routing_from_config
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
+EXPORT_MARKER = "zeda_export.json"
+EXPORT_FORMAT = "zeda_lightning export"
+EXPORT_VERSION = 1
+INCOMPLETE_MARKER = ".zeda_export_incomplete"
+_INCOMPLETE_FORMAT = "zeda_lightning export (in progress)"
+_MAX_MARKER_BYTES = 64 * 1024
+_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
-def _check_export_target(out_dir: str, overwrite: bool) -> None:
+
+# --------------------------------------------------------------------------------------------------- markers
+
+
+def _marker_payload(fmt: str) -> dict:
+    return {
+        "format": fmt,
+        "version": EXPORT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+def _read_marker(path: str) -> dict | None:
+    """The JSON object in the regular file ``path`` (no symlink, at most 64 KiB), or ``None``."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_MARKER_BYTES + 1)
+        if len(raw) > _MAX_MARKER_BYTES:
+            return None
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_zeda_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a ``zeda_export.json`` marker written by ``export_model``."""
+    path = os.fspath(path)
+    marker = _read_marker(os.path.join(path, EXPORT_MARKER)) if os.path.isdir(path) else None
+    return marker is not None and marker.get("format") == EXPORT_FORMAT
+
+
+def _is_in_progress(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(path, INCOMPLETE_MARKER)).st_mode)
+    except OSError:
+        return False
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _busy_elsewhere(path: str) -> int | None:
+    """The pid of another live process on this host still writing the temporary export ``path``, if any."""
+    for name in (INCOMPLETE_MARKER, EXPORT_MARKER):
+        marker = _read_marker(os.path.join(path, name))
+        if marker is None:
+            continue
+        pid = marker.get("pid")
+        if marker.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
+            return pid
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------ file-system helpers
+
+
+def _umask() -> int:
+    try:  # thread-safe where /proc has it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _finalise_tree(root: str) -> None:
+    """Give every directory ``0o777 & ~umask`` and every file ``0o666 & ~umask`` (``mkdtemp`` makes the directory
+    0700 and safetensors writes its file through a private 0600 temporary), and flush them to disk."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            os.chmod(path, 0o666 & ~mask)
+            _fsync_path(path)
+        for name in dirnames:
+            _fsync_path(os.path.join(dirpath, name))
+    _fsync_path(root)
+
+
+def _remove_export(path: str) -> None:
+    """Delete a directory this module created (a marked export or temporary). Its marker first becomes the
+    in-progress marker, so a kill midway leaves a directory that ``recover_export`` removes but never restores."""
+    marker = os.path.join(path, EXPORT_MARKER)
+    incomplete = os.path.join(path, INCOMPLETE_MARKER)
+    if _read_marker(marker) is not None:
+        os.replace(marker, incomplete)
+    for entry in os.listdir(path):
+        if entry == INCOMPLETE_MARKER:
+            continue
+        full = os.path.join(path, entry)
+        if stat.S_ISDIR(os.lstat(full).st_mode):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+    if os.path.lexists(incomplete):
+        os.unlink(incomplete)
+    os.rmdir(path)
+
+
+def _siblings(out_dir: str, kind: str) -> list[str]:
+    """Real (not symlinked) directories ``.<name>.<kind>-*`` next to ``out_dir``."""
+    parent, name = os.path.split(out_dir)
+    prefix = f".{name}.{kind}-"
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        full = os.path.join(parent, entry)
+        try:
+            if stat.S_ISDIR(os.lstat(full).st_mode):
+                found.append(full)
+        except OSError:
+            pass
+    return found
+
+
+def _norm(out_dir: str | os.PathLike) -> str:
+    return os.path.abspath(os.fspath(out_dir))
+
+
+def recover_export(out_dir: str | os.PathLike) -> list[str]:
+    """Repair what an interrupted ``export_model`` left next to ``out_dir``; returns what it did, for logging.
+
+    When ``out_dir`` is missing and exactly one marked ``.<name>.old-*`` sibling exists (a kill between the two
+    renames of an overwrite), it is renamed back to ``out_dir``. Temporary ``.<name>.tmp-*`` and old ``.old-*``
+    siblings that carry a zeda marker (finished or in progress) are removed, except a temporary still being
+    written by another live process on this host; directories without a marker are never touched.
+    """
+    out_dir = _norm(out_dir)
+    parent, name = os.path.split(out_dir)
+    if not name or not os.path.isdir(parent):
+        return []
+    done: list[str] = []
+    olds = _siblings(out_dir, "old")
+    if not os.path.lexists(out_dir):
+        marked = [o for o in olds if is_zeda_export(o)]
+        if len(marked) == 1:
+            try:
+                os.rename(marked[0], out_dir)
+            except OSError as err:
+                done.append(f"could not restore {out_dir} from {marked[0]}: {err}")
+            else:
+                _fsync_path(parent)
+                done.append(f"restored {out_dir} from {marked[0]} (an overwrite was interrupted)")
+            olds.remove(marked[0])
+        elif len(marked) > 1:
+            done.append(f"kept {len(marked)} previous exports {marked}: which one belongs at {out_dir} is ambiguous; "
+                        "rename one to it by hand")
+            olds = [o for o in olds if o not in marked]
+    tmps = _siblings(out_dir, "tmp")
+    for leftover in tmps + olds:
+        if not (is_zeda_export(leftover) or _is_in_progress(leftover)):
+            continue  # not ours: never deleted
+        pid = _busy_elsewhere(leftover) if leftover in tmps else None
+        if pid is not None:
+            done.append(f"left {leftover}: an export by live process {pid} is writing it")
+            continue
+        try:
+            _remove_export(leftover)
+        except OSError as err:
+            done.append(f"could not remove leftover {leftover}: {err}")
+        else:
+            done.append(f"removed leftover {leftover}")
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ the target
+
+
+def _first_existing_ancestor(path: str) -> str:
+    while not os.path.lexists(path):
+        up = os.path.dirname(path)
+        if up == path:
+            break
+        path = up
+    return path
+
+
+def _probe_writable(directory: str, out_dir: str) -> None:
+    """Create and remove a probe file in ``directory`` (works as root too, where ``os.access`` says yes to
+    everything but a read-only mount or pseudo file system still refuses)."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot create export {out_dir}: {directory} exists and is not a directory; choose "
+                         "another export_dir")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zeda_write_probe-", dir=directory)
+    except OSError as err:
+        raise ValueError(f"cannot write export {out_dir}: directory {directory} is not writable "
+                         f"({err.strerror or err}); choose a writable export_dir or fix its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both real, absolute)."""
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:
+        return False
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool, protected: Iterable = ()) -> None:
+    """Refuse, with a ``ValueError`` and before anything is written, an export target ``export_model`` must not use.
+
+    Refused: a path that exists and is not a directory (or is a symbolic link); a directory that is, or is a parent
+    of, the current working directory or any path in ``protected`` (what the run reads or writes: teacher, student
+    source, checkpoints, logs); a non-empty directory without ``overwrite``; with ``overwrite``, a non-empty
+    directory that is not a zeda export (no ``zeda_export.json``); a target whose parent is not writable.
+    """
+    out_dir = _norm(out_dir)
+    if os.path.islink(out_dir):
+        raise ValueError(f"export path {out_dir} is a symbolic link; give the directory it points to "
+                         f"({os.path.realpath(out_dir)}) or another export_dir")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"export path {out_dir} exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    real = os.path.realpath(out_dir)
+    cwd = os.path.realpath(os.getcwd())
+    if _inside(cwd, real):
+        raise ValueError(f"export directory {out_dir} is the current working directory {cwd} or a parent of it; "
+                         "choose another export_dir")
+    for p in protected:
+        if p is None or os.fspath(p) == "":
+            continue
+        p_real = os.path.realpath(os.fspath(p))
+        if _inside(p_real, real):
+            raise ValueError(f"export directory {out_dir} is or contains {os.fspath(p)}, which this run reads or "
+                             "writes (teacher, student source, checkpoint or log directory); choose another "
+                             "export_dir")
+    exists = os.path.isdir(out_dir)
+    if exists:
+        non_empty = bool(os.listdir(out_dir))
+        marked = is_zeda_export(out_dir)
+        where = out_dir
+    else:  # a kill between the renames of an overwrite: the export is restored before the next one is written
+        olds = [o for o in _siblings(out_dir, "old") if is_zeda_export(o)]
+        non_empty = marked = len(olds) == 1
+        where = olds[0] if olds else out_dir
+    if non_empty and not overwrite:
+        if where != out_dir:
+            raise ValueError(f"export directory {out_dir} is missing but an interrupted overwrite left its previous "
+                             f"export at {where}, which is restored first; pass overwrite=True to replace it")
         raise ValueError(f"export directory {out_dir} exists and is not empty; pass overwrite=True to replace it")
+    if non_empty and not marked:
+        raise ValueError(f"export directory {out_dir} is not an export written by zeda_lightning (no "
+                         f"{EXPORT_MARKER}), so overwrite=True will not replace it; choose another export_dir or "
+                         "remove it by hand")
+    _probe_writable(_first_existing_ancestor(os.path.dirname(out_dir)), out_dir)
 
 
-def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: bool = False, state_dict=None) -> str:
-    """Write ``model`` (and ``tokenizer``) as a transformers directory at ``out_dir``, atomically.
+_check_export_target = check_export_target  # old private name, kept for existing callers
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: bool = False, state_dict=None,
+                 protected: Iterable = ()) -> str:
+    """Write ``model`` (and ``tokenizer``) as a transformers directory at ``out_dir``, atomically; returns its
+    absolute path.
 
     A model with zero-expert routers gets its live zero-logit biases (the compute budget) into ``config.json``, so
-    the export reloads to the same model.
+    the export reloads to the same model. ``overwrite`` replaces a previous zeda export only (see
+    ``check_export_target``, which also refuses ``out_dir`` if it is or contains a path in ``protected``).
     """
     from zeda_lightning.budget import sync_budget_config
 
-    _check_export_target(out_dir, overwrite)
+    out_dir = _norm(out_dir)
+    recover_export(out_dir)
+    protected = tuple(protected)
+    check_export_target(out_dir, overwrite, protected)
     sync_budget_config(model)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
+    parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
+        _write_json(os.path.join(tmp, INCOMPLETE_MARKER), _marker_payload(_INCOMPLETE_FORMAT))
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        _write_json(os.path.join(tmp, EXPORT_MARKER), _marker_payload(EXPORT_FORMAT))
+        os.unlink(os.path.join(tmp, INCOMPLETE_MARKER))
+        _finalise_tree(tmp)
+        check_export_target(out_dir, overwrite, protected)  # again: training or saving took a while
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            # the old export moves aside, still marked, then the new one moves in: at every instant either
+            # out_dir or a marked .old-* that recover_export restores exists
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)
+                raise
+            _fsync_path(parent)
+            try:
+                _remove_export(old)
+            except OSError:
+                pass  # a marked leftover: the next export_model / recover_export removes it
         else:
-            os.replace(tmp, out_dir)
+            os.replace(tmp, out_dir)  # over nothing, or over an empty directory
+            _fsync_path(parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if os.path.isdir(tmp):
+                _remove_export(tmp)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check_safetensors(file: str) -> None:
+    """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read)."""
+
+    def bad(detail: str) -> ValueError:
+        return ValueError(f"{file} is truncated or corrupt ({detail}); re-download or re-export it")
+
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
+                raise bad(f"header length {n} does not fit in the file's {size} bytes")
+            raw = f.read(n)
+    except OSError as err:
+        raise ValueError(f"cannot read {file}: {err}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {key!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if size < 8 + n + end:
+        raise bad(f"{size} bytes, but its header needs {8 + n + end}")
 
 
 def check_model_dir(path: str, *, require_routing: bool = False, require_tokenizer: bool = False) -> dict:
     """Validate a transformers directory without loading weights; returns its ``config.json`` as a dict.
 
+    A missing directory is first recovered (``recover_export``: an overwrite killed between its renames).
     ``require_routing``: the config must carry ``zeda_routing`` (a zeda export, not a plain model).
     ``require_tokenizer``: tokenizer files must be there (generation, calibration, evaluation).
     """
+    path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"model directory not found: {path}")
+        notes = recover_export(path)
+        if not os.path.isdir(path):
+            hint = f" ({'; '.join(notes)})" if notes else ""
+            raise ValueError(f"model directory not found: {path}{hint}")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path} has no config.json; point to a transformers model directory")
@@ -92,6 +472,8 @@ def check_model_dir(path: str, *, require_routing: bool = False, require_tokeniz
         if missing:
             raise ValueError(f"{path}: model.safetensors.index.json lists shards that are missing: {missing[:5]}; "
                              "copy the whole directory")
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        _check_safetensors(file)
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
@@ -143,7 +525,8 @@ def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32, req
 
     transformers loads everything it knows (with its own checkpoint conversions, e.g. per-expert weights fused into
     3D tensors); the grown or added router tensors are then read from the safetensors files by key.
-    ``require_routing``: refuse a plain model (no ``zeda_routing`` in its config).
+    ``require_routing``: refuse a plain model (no ``zeda_routing`` in its config). A missing ``path`` left by an
+    overwrite killed between its renames is recovered first (``check_model_dir``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -153,15 +536,18 @@ def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32, req
 
     cfg = check_model_dir(path, require_routing=require_routing)
     if CONFIG_KEY not in cfg:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
-    config = AutoConfig.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        ).eval()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     routing = routing_from_config(getattr(config, CONFIG_KEY))
     delattr(config, CONFIG_KEY)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the router shapes differ on purpose; they are filled right below
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True
+            path, config=config, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True,
+            trust_remote_code=False,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
