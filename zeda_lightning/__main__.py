@@ -1,7 +1,8 @@
 """``python -m zeda_lightning <fit|validate|test|predict|generate|budget|eval|estimate|consolidate|demo> ...``
 
 Bad input (a ``ValueError`` or a missing / existing file) ends the command with one line naming the problem and
-the fix, exit status 2, instead of a traceback; ``ZEDA_TRACEBACK=1`` shows the traceback. Python callers of
+the fix, exit status 2, instead of a traceback; a diverged run (NaN / inf loss, gradient, weight or metric) ends
+the same way with exit status 3; ``ZEDA_TRACEBACK=1`` shows the traceback. Python callers of
 :func:`zeda_lightning.cli.main` get the exception itself.
 """
 
@@ -9,9 +10,13 @@ import os
 import sys
 import traceback
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 from zeda_lightning.cli import main
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+#: Lightning's own setting checks (``max_steps: -5``) are bad input too
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                MisconfigurationException)
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -30,17 +35,24 @@ def _origin(err: BaseException) -> BaseException:
     return found
 
 
+def _report(err: BaseException, status: int) -> None:
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    sys.stderr.write(f"zeda_lightning: error: {err}\n"
+                     f"  (raised at {where.filename}:{where.lineno}; ZEDA_TRACEBACK=1 shows the traceback)\n")
+    sys.exit(status)
+
+
 def run() -> None:
     try:
         main()
+    except FloatingPointError as err:  # a diverged run (DivergenceError): exit 3, the step and the term named
+        if os.environ.get("ZEDA_TRACEBACK"):
+            raise
+        _report(err, 3)
     except INPUT_ERRORS as top:
         if os.environ.get("ZEDA_TRACEBACK"):
             raise
-        err = _origin(top)
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        sys.stderr.write(f"zeda_lightning: error: {err}\n"
-                         f"  (raised at {where.filename}:{where.lineno}; ZEDA_TRACEBACK=1 shows the traceback)\n")
-        sys.exit(2)
+        _report(_origin(top), 2)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,37 @@ from zeda_lightning.modules.base import TrainModuleBase
 
 
 class ZedaCLI(LightningCLI):
-    """LightningCLI with checks before the trainer writes anything (config, logs, checkpoints)."""
+    """LightningCLI with checks before the trainer writes anything (config, logs, checkpoints), atomic checkpoints,
+    one run per output directory, and checkpoints that restore state but never configure the run."""
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI merges a checkpoint's hyperparameters into the config and instantiates what they name
+        (``optimizer: {class_path: os.system}`` would run). Here the user's YAML and flags decide what runs; a
+        checkpoint only restores state, after :meth:`TrainModuleBase.check_resume` accepted it."""
 
     def _preflight(self) -> None:
+        from zeda_lightning.checkpointing import make_checkpoints_atomic
+        from zeda_lightning.runlock import RunLock, launching_process
+
+        sub = self.subcommand
         self.model.preflight(self.datamodule)
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        self.model.check_run(self.trainer, self.datamodule, ckpt_path)
+        ckpt_path = self.config[sub].get("ckpt_path")
+        resolved = self.model.check_run(self.trainer, self.datamodule, ckpt_path, stage=sub)
+        if ckpt_path is not None:
+            self.config_init[sub]["ckpt_path"] = resolved
+        if "weights_only" in self.config_init[sub]:
+            self.config_init[sub]["weights_only"] = True
+        make_checkpoints_atomic(self.trainer)
+        if sub == "fit" and launching_process():
+            self._lock = RunLock().acquire(self.model.output_dirs(self.trainer))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.release()
 
     def before_fit(self) -> None:
         self._preflight()

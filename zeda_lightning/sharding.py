@@ -123,7 +123,8 @@ def params_on_meta():
 def _config(path_or_config):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str) else path_or_config
+    config = (AutoConfig.from_pretrained(path_or_config, trust_remote_code=False) if isinstance(path_or_config, str)
+              else path_or_config)
     saved = getattr(config, CONFIG_KEY, None)
     if saved is not None:
         import copy
@@ -146,7 +147,7 @@ def build_empty(path_or_config, routing: RoutingVariant | None = None, reader: "
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if saved is not None:
-        inject(model, routing_from_config(saved), init=False)
+        inject(model, routing_from_config(saved, where="config.json zeda_routing"), init=False)
     elif routing is not None:
         if reader is None:
             raise ValueError("injecting routing into an empty model needs the original router rows: pass reader")
@@ -360,14 +361,12 @@ def gather_for_export(model: nn.Module, rank: int) -> nn.Module | None:
 
 
 def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
-    """Hyperparameters stored in a Lightning checkpoint (a file, or a distributed checkpoint directory)."""
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    """Hyperparameters stored in a Lightning checkpoint (a file, or a distributed checkpoint directory), read with
+    ``weights_only=True`` (and the distributed metadata with the restricted unpickler): plain data, never calls."""
+    from zeda_lightning.checkpointing import checkpoint_meta
 
-    meta = os.path.join(ckpt_path, _METADATA_FILENAME) if os.path.isdir(ckpt_path) else ckpt_path
-    if not os.path.isfile(meta):
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint (no {_METADATA_FILENAME} in it)")
-    ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=not os.path.isdir(ckpt_path))
-    return dict(ckpt.get("hyper_parameters", {}))
+    hp = checkpoint_meta(ckpt_path).get("hyper_parameters", {})
+    return dict(hp) if isinstance(hp, dict) else {}
 
 
 def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
@@ -379,31 +378,34 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer
 
+    from zeda_lightning.checkpointing import safe_filesystem_reader
     from zeda_lightning.export import _check_export_target, export_model
 
-    _check_export_target(out_dir, overwrite)
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir} is not a distributed checkpoint directory (a single-file checkpoint holds "
                          "the full state already: load it with torch.load)")
     hp = checkpoint_hparams(ckpt_dir)
     source = hp.get("student") or hp.get("teacher")
-    if source is None or "routing" not in hp:
+    if not isinstance(source, str) or not isinstance(hp.get("routing"), dict):
         raise ValueError(f"{ckpt_dir}: no student/teacher/routing hyperparameters; it is not a ZedaDistillModule run")
+    _check_export_target(out_dir, overwrite, protected=[ckpt_dir, source])
+    routing = routing_from_config(hp["routing"], where=f"{ckpt_dir} hyperparameters")
     config, _ = _config(source)
     model = build_empty(config)
-    inject(model, routing_from_config(hp["routing"]), init=False)
+    inject(model, routing, init=False)
     persistent = set(model.state_dict())
     keep = {n: b.clone() for n, b in model.named_buffers() if n not in persistent}  # rotary tables: in no checkpoint
     model.to_empty(device="cpu")
     state = {f"student.{k}": v for k, v in model.state_dict().items()}
-    dcp.load({"state_dict": state}, checkpoint_id=ckpt_dir, no_dist=True)
+    dcp.load({"state_dict": state}, storage_reader=safe_filesystem_reader(ckpt_dir), no_dist=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name in keep:
                 b.copy_(keep[name])
     model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(source) if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None
-    return export_model(model.eval(), out_dir, tok, overwrite=overwrite)
+    tok = (AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+           if os.path.isfile(os.path.join(source, "tokenizer_config.json")) else None)
+    return export_model(model.eval(), out_dir, tok, overwrite=overwrite, protected=[ckpt_dir, source])
 
 
 def read_config(path: str) -> dict:

@@ -29,7 +29,8 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
 def token_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) per position from log-probabilities ``(..., V)``; 0 * log 0 counts as 0."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+    # NOTE: only exact zeros are dropped; a NaN stays NaN (``NaN > 0`` is False and would log a diverged KL as 0)
+    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(dim=-1)
 
 
 class _ChunkedForwardKL(torch.autograd.Function):

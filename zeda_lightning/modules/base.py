@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Any
+
 import lightning as L
 import torch
+from torch import Tensor, nn
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
@@ -46,25 +51,109 @@ class TrainModuleBase(L.LightningModule):
 
     def preflight(self, datamodule=None) -> None:
         """Checks run by the CLI before the trainer writes anything; raise ``ValueError`` naming the fix."""
-        if self.export_dir is not None:
-            from zeda_lightning.export import _check_export_target
 
-            _check_export_target(self.export_dir, self.export_overwrite)
+    def protected_paths(self, trainer) -> list[str]:
+        """Directories an export must never replace or contain: the run's checkpoints and logs (subclasses add
+        their model sources)."""
+        paths = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        for logger in trainer.loggers:
+            for attr in ("log_dir", "save_dir"):
+                with contextlib.suppress(Exception):
+                    value = getattr(logger, attr)
+                    if isinstance(value, str):
+                        paths.append(value)
+        return paths
 
-    def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None) -> None:
-        """Checks of the strategy, batch and resumed checkpoint, run by the CLI in the launching process before
-        any process group exists; sets ``trainer.accumulate_grad_batches`` from ``global_batch_size``."""
+    def output_dirs(self, trainer) -> list[str]:
+        """Directories this run writes and must own alone (locked by the CLI): checkpoints and the export."""
+        paths = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        return paths + ([self.export_dir] if self.export_dir else [])
+
+    def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None, stage: str = "fit") -> str | None:
+        """Checks of the strategy, schedule, export target and resumed checkpoint, run by the CLI in the launching
+        process before any process group exists; sets ``trainer.accumulate_grad_batches`` from
+        ``global_batch_size``. Returns the checkpoint to resume from (``last`` resolved to a complete one)."""
         from zeda_lightning import sharding
 
         micro = getattr(datamodule, "batch_size", None)
         trainer.accumulate_grad_batches = sharding.check_strategy(trainer, micro, self.global_batch_size)
-        if ckpt_path is not None:
-            path = _resolve_ckpt_path(trainer, ckpt_path)
-            if path is not None:
-                self.check_resume(sharding.checkpoint_hparams(path), path)
+        if stage == "fit":
+            check_schedule(trainer)
+            if self.export_dir is not None:
+                from zeda_lightning.export import check_export_target
 
-    def check_resume(self, hparams: dict, path: str) -> None:
-        """Refuse to resume from a checkpoint whose model structure differs; subclasses name what must match."""
+                check_export_target(self.export_dir, self.export_overwrite, protected=self.protected_paths(trainer))
+        if ckpt_path is None:
+            return None
+        path = _resolve_ckpt_path(trainer, ckpt_path)
+        if path is not None and os.path.exists(path):
+            self.check_resume(path)
+        return path
+
+    def check_resume(self, path: str) -> None:
+        """Refuse to resume from a checkpoint that does not fit this run; subclasses name what must match."""
+        from zeda_lightning.checkpointing import checkpoint_meta
+
+        checkpoint_meta(path)
+
+    # -- divergence --------------------------------------------------------------------------------------------
+    def check_finite(self, terms: dict[str, Tensor], detail=None) -> None:
+        """Stop the run, before backward, when a loss term is NaN or inf (on any rank): the step and the term are
+        named; ``detail(name)`` may say more (which layer). Nothing after this step is trained or written."""
+        bad = [name for name, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        trainer = getattr(self, "_trainer", None)
+        strategy = trainer.strategy if trainer is not None else None
+        any_bad = strategy.reduce_boolean_decision(bool(bad), all=False) if strategy is not None else bool(bad)
+        if not any_bad:
+            return
+        if not bad:
+            raise DivergenceError(f"step {self.global_step}: the loss is non-finite on another rank; see its error")
+        where = "; ".join(f"{name} loss = {float(terms[name].detach().float().reshape(-1)[0])}"
+                          + (f" ({detail(name)})" if detail is not None and detail(name) else "") for name in bad)
+        raise DivergenceError(
+            f"training diverged at step {self.global_step}: {where}. Nothing from this step was applied or saved; "
+            "lower the learning rate or check the data, then resume from the last checkpoint (--ckpt_path last)")
+
+    def _trained_model(self) -> nn.Module | None:
+        """The model whose weights are trained (checked for NaN before a checkpoint or an export)."""
+        for name in ("student", "model"):
+            model = getattr(self, name, None)
+            if isinstance(model, nn.Module):
+                return model
+        return None
+
+    def _check_weights(self, what: str) -> None:
+        from zeda_lightning.checkpointing import check_finite_state
+
+        model = self._trained_model()
+        if model is None:
+            return
+        error = None
+        try:
+            check_finite_state(model.named_parameters(), what)
+        except FloatingPointError as err:
+            error = err
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            raise DivergenceError(f"step {self.global_step}: {error or what + ': NaN or inf on another rank'}; "
+                                  "nothing was written; resume from the last checkpoint with a lower learning rate")
+        if error is not None:
+            raise DivergenceError(str(error))
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        bad = bool(local) and not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in local])).all())
+        if self._trainer.strategy.reduce_boolean_decision(bad, all=False):
+            raise DivergenceError(
+                f"training diverged at step {self.global_step}: the gradients hold NaN or inf (loss was finite). "
+                "Nothing from this step was applied or saved; lower the learning rate, then resume from the last "
+                "checkpoint (--ckpt_path last)")
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_weights(f"not saving checkpoint at step {self.global_step}: the trained weights")
 
     @override
     def configure_optimizers(self):
@@ -86,29 +175,52 @@ class TrainModuleBase(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.export_dir is None:
             return
+        from zeda_lightning import sharding
         from zeda_lightning.export import export_model
 
-        from zeda_lightning import sharding
-
+        self._check_weights(f"not exporting to {self.export_dir}: the trained weights")
         model, tokenizer = self.export_model_and_tokenizer()
         if sharding.is_sharded(model):  # every rank gives its shards; rank 0 assembles the full model on CPU
             model = sharding.gather_for_export(model, self.trainer.global_rank)
         if self.trainer.is_global_zero:
-            export_model(model, self.export_dir, tokenizer, overwrite=self.export_overwrite)
+            export_model(model, self.export_dir, tokenizer, overwrite=self.export_overwrite,
+                         protected=self.protected_paths(self.trainer))
         self.trainer.strategy.barrier("export")
 
 
+class DivergenceError(FloatingPointError):
+    """A loss, gradient, weight or metric went NaN / inf: the run stops before anything is written from it."""
+
+
+def check_schedule(trainer) -> None:
+    """A fit that trains nothing (``max_steps: 0``) would export an untrained student over a good one."""
+    steps, epochs = trainer.max_steps, trainer.max_epochs
+    if steps == 0 or (steps is not None and steps < -1):
+        raise ValueError(f"trainer.max_steps must be >= 1 (or -1 with max_epochs set), got {steps}; "
+                         "a fit must train at least one step")
+    if steps == -1 and epochs is not None and epochs == 0:
+        raise ValueError("trainer.max_epochs is 0 and max_steps is unset: the fit would train nothing; set either")
+    if trainer.limit_train_batches == 0:
+        raise ValueError("trainer.limit_train_batches is 0: the fit would train nothing")
+
+
 def _resolve_ckpt_path(trainer, ckpt_path: str) -> str | None:
-    """The checkpoint ``--ckpt_path`` names (``last`` = the checkpoint callbacks' last one), if it exists yet."""
-    import os
+    """The checkpoint ``--ckpt_path`` names: ``last`` = the newest complete ``last*`` checkpoint of the checkpoint
+    callbacks (a truncated one, from a full disk or a kill, is skipped with a warning); ``None`` if none exists."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    from zeda_lightning.checkpointing import resolve_last
 
     if ckpt_path in ("best", "hpc", "registry"):
-        return None
+        return ckpt_path
     if ckpt_path == "last":
-        paths = [os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-                 for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None) and cb.CHECKPOINT_NAME_LAST]
-        paths = [p for p in paths if os.path.exists(p)]
-        return max(paths, key=os.path.getmtime) if paths else None
+        dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        path, skipped = resolve_last(dirs)
+        for bad in skipped:
+            rank_zero_warn(f"skipping incomplete checkpoint {bad} (truncated or half-written)")
+        if path is None:
+            rank_zero_warn(f"--ckpt_path last: no complete last checkpoint in {dirs}; starting from step 0")
+        return path
     if not os.path.exists(ckpt_path):
         raise ValueError(f"--ckpt_path {ckpt_path} does not exist; give an existing checkpoint file or directory")
     return ckpt_path

@@ -36,19 +36,27 @@ Trainable = Literal["full", "router_only", "router_and_experts"]
 TeacherMode = Literal["separate", "shared_weights"]
 
 
-def check_teacher_dir(path: str) -> dict:
-    """Validate a teacher directory on the meta device (no weights read): supported family with MoE layers."""
+def check_teacher_dir(path: str, *, role: str = "teacher", allow_zeda_export: bool = True) -> dict:
+    """Validate a teacher directory on the meta device (no weights read): supported family with MoE layers.
+
+    ``allow_zeda_export=False`` refuses a zeda export (a distilled student): as a teacher it would silently make
+    the student distil from an earlier student, e.g. after an export was written over the teacher's directory.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zeda_lightning.export import check_model_dir
 
     cfg = check_model_dir(path)
+    if not allow_zeda_export and CONFIG_KEY in cfg:
+        raise ValueError(
+            f"{role} {path} is a zeda export (its config.json has {CONFIG_KEY!r}: injected routers), not an original "
+            "model; give the original model as teacher, or set allow_zeda_teacher: true to distil from an export")
     if cfg.get("model_type") not in ADAPTERS:
         raise ValueError(
             f"teacher {path}: model_type {cfg.get('model_type')!r} is not a supported MoE family; "
             f"supported: {sorted(ADAPTERS)}"
         )
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
     with torch.device("meta"):
@@ -91,6 +99,7 @@ class ZedaDistillModule(TrainModuleBase):
         switch_coef: Switch balance coefficient.
         z_loss_coef: router z-loss coefficient (0 = off).
         trainable: ``full`` (paper), ``router_only``, ``router_and_experts``.
+        allow_zeda_teacher: accept a zeda export (a model with injected routers) as the teacher.
         teacher_mode: ``separate`` (own frozen copy) or ``shared_weights`` (only with ``router_only`` and zero experts:
             the teacher is the student with zero experts masked, one copy of the weights in memory).
     """
@@ -110,12 +119,13 @@ class ZedaDistillModule(TrainModuleBase):
         z_loss_coef: float = 0.0,
         trainable: Trainable = "full",
         teacher_mode: TeacherMode = "separate",
+        allow_zeda_teacher: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         routing = ZeroExperts() if routing is None else routing
         if isinstance(routing, dict):
-            routing = routing_from_config(routing)
+            routing = routing_from_config(routing, where="model.init_args.routing")
         if objective not in Objective.__args__:
             raise ValueError(f"objective must be one of {Objective.__args__}, got {objective!r}")
         if aux_loss not in AuxLoss.__args__:
@@ -133,15 +143,17 @@ class ZedaDistillModule(TrainModuleBase):
         if aux_loss == "group" and not isinstance(routing, ZeroExperts):
             raise ValueError(f"aux_loss='group' (L_GA) needs ZeroExperts routing, got {type(routing).__name__}; "
                              "use aux_loss='switch' or 'none'")
-        self.teacher_cfg = check_teacher_dir(teacher)
+        self.teacher_cfg = check_teacher_dir(teacher, allow_zeda_export=allow_zeda_teacher)
         if student is not None:
-            student_cfg = check_teacher_dir(student)
+            student_cfg = check_teacher_dir(student, role="student")
             if student_cfg.get("vocab_size") != self.teacher_cfg.get("vocab_size"):
                 raise ValueError(
                     f"teacher/student vocab mismatch: {teacher} has vocab_size {self.teacher_cfg.get('vocab_size')}, "
                     f"{student} has {student_cfg.get('vocab_size')}; distil between models sharing a tokenizer"
                 )
             saved = student_cfg.get(CONFIG_KEY)
+            if saved is not None:
+                saved = routing_from_config(saved, where=f"student {student} config.json").to_config()
             if saved is not None and saved != routing.to_config():
                 raise ValueError(
                     f"student {student} was trained with routing {saved}, but this run asks for {routing.to_config()}; "
@@ -173,7 +185,24 @@ class ZedaDistillModule(TrainModuleBase):
             self._configure_fsdp1(trainer.global_rank == 0)
         else:
             self._configure_local()
+        self._check_teacher_weights()
         self._build_metrics()
+
+    def _check_teacher_weights(self) -> None:
+        """Refuse a teacher with NaN / inf weights before the first step (its logits would poison every loss)."""
+        from zeda_lightning.checkpointing import check_finite_state
+
+        teacher = self.teacher if self.teacher is not None else self.student
+        error = None
+        try:
+            check_finite_state(teacher.named_parameters(), f"teacher {self.teacher_path}")
+        except FloatingPointError as err:
+            error = err
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            error = error or FloatingPointError(f"teacher {self.teacher_path}: NaN or inf weights on another rank")
+        if error is not None:
+            raise ValueError(f"{error}; the teacher must be finite: re-download or re-export it")
 
     def _configure_local(self) -> None:
         """One full copy of each model per process (single device, DDP, or before FSDP1 wraps it)."""
@@ -276,7 +305,7 @@ class ZedaDistillModule(TrainModuleBase):
         self.layer_ids = sorted(m.layer_idx for m in self.student.modules() if isinstance(m, BaseRouter))
         self.val_metrics = nn.ModuleDict(
             {
-                name: MeanMetric()
+                name: MeanMetric(nan_strategy="disable")  # a NaN must surface, not be dropped with a warning
                 for name in ("nll", "teacher_nll", "kl_to_teacher", "top1_agreement", "zero_ratio", "real_experts_per_token")
             }
         )
@@ -339,8 +368,16 @@ class ZedaDistillModule(TrainModuleBase):
         token_mask = batch["attention_mask"].reshape(-1).bool()  # (T,)
         student_logits, records = self.student_forward(batch)
         teacher_logits = self.teacher_forward(batch) if self._needs_teacher(stage) else None
+        if teacher_logits is not None and not getattr(self, "_teacher_logits_checked", False):
+            if not bool(torch.isfinite(teacher_logits).all()):
+                raise ValueError(f"teacher {self.teacher_path} gives NaN or inf logits on the first {stage} batch; "
+                                 "the teacher must be finite: check its weights and dtype")
+            self._teacher_logits_checked = True
         distill = self.distill_loss(student_logits, teacher_logits, batch["labels"])
         aux = self.aux_loss(records, token_mask)
+        if stage == "train":
+            self.check_finite({"distillation": distill, "aux": aux},
+                              detail=lambda name: self.nonfinite_layers(records, token_mask) if name == "aux" else None)
         loss = distill + aux
         zero_ratio = _zero_ratio(records, token_mask)
         if stage == "train":
@@ -401,18 +438,33 @@ class ZedaDistillModule(TrainModuleBase):
                 torch.zeros(g, device=dom.device).index_add(0, dom, den),
             )
 
+    def nonfinite_layers(self, records: dict[int, RouterOutput], token_mask: Tensor) -> str:
+        """Which layers' router loss or logits are NaN / inf (for the divergence error)."""
+        bad = [layer for layer, rec in sorted(records.items())
+               if not bool(torch.isfinite(self.aux_loss({layer: rec}, token_mask)).all())
+               or not bool(torch.isfinite(rec.router_logits[rec.router_logits > float("-inf")]).all())]
+        return f"router layers {bad}" if bad else ""
+
     def _log_eval(self, stage: str) -> None:
+        from zeda_lightning.modules.base import DivergenceError
+
         for name, metric in self.val_metrics.items():
             if metric.update_count:
-                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name in ("nll", "zero_ratio"))
+                value = metric.compute()
+                if not bool(torch.isfinite(value).all()):
+                    raise DivergenceError(f"{stage}/{name} is {float(value)} at step {self.global_step}: the "
+                                          f"{'teacher' if name == 'teacher_nll' else 'student'} gives NaN or inf; "
+                                          "nothing was saved after it; resume from the last checkpoint")
+                self.log(f"{stage}/{name}", value, prog_bar=name in ("nll", "zero_ratio"))
             metric.reset()
         if bool(self.val_zero_by_layer.seen().any()):
-            for layer, v in zip(self.layer_ids, self.val_zero_by_layer.compute()):
+            # NOTE: torchmetrics squeezes a one-element result to 0-d (one MoE layer, one domain): keep it 1-d
+            for layer, v in zip(self.layer_ids, self.val_zero_by_layer.compute().reshape(-1)):
                 self.log(f"{stage}/zero_ratio/layer_{layer}", v)
         self.val_zero_by_layer.reset()
         if self.domains:
-            seen = self.val_zero_by_domain.seen()
-            for name, v, ok in zip(self.domains, self.val_zero_by_domain.compute(), seen):
+            seen = self.val_zero_by_domain.seen().reshape(-1)
+            for name, v, ok in zip(self.domains, self.val_zero_by_domain.compute().reshape(-1), seen):
                 if ok:
                     self.log(f"{stage}/zero_ratio/{name}", v)
         self.val_zero_by_domain.reset()
@@ -428,6 +480,7 @@ class ZedaDistillModule(TrainModuleBase):
     # -- checkpoints and export -----------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
@@ -437,25 +490,58 @@ class ZedaDistillModule(TrainModuleBase):
         from transformers import AutoTokenizer
 
         tok_dir = self.student_path or self.teacher_path
-        tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")) else None
+        tok = (AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+               if os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")) else None)
         return self.student, tok
 
     @override
-    def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None) -> None:
+    def check_run(self, trainer, datamodule=None, ckpt_path: str | None = None, stage: str = "fit") -> str | None:
         if self.teacher_mode == "shared_weights" and sharding.strategy_kind(trainer) == "fsdp1":
             raise ValueError("teacher_mode='shared_weights' keeps a frozen copy of the original router rows, which "
                              "FSDP1's flattened parameters cannot hold; use ModelParallelStrategy (FSDP2) or "
                              "teacher_mode='separate'")
-        super().check_run(trainer, datamodule, ckpt_path)
+        return super().check_run(trainer, datamodule, ckpt_path, stage)
 
     @override
-    def check_resume(self, hparams: dict, path: str) -> None:
-        saved = hparams.get("routing")
+    def protected_paths(self, trainer) -> list[str]:
+        sources = [self.teacher_path, self.student_path, getattr(getattr(trainer, "datamodule", None), "tokenizer_path", None)]
+        return super().protected_paths(trainer) + [p for p in sources if p]
+
+    @override
+    def check_resume(self, path: str) -> None:
+        """The user's config decides what runs; a checkpoint only restores state, and only one of this model:
+        same routing config and the same tensor shapes (refused before anything is written, naming both)."""
+        from zeda_lightning.checkpointing import checkpoint_meta, checkpoint_shapes
+
+        hparams = checkpoint_meta(path).get("hyper_parameters") or {}
+        saved = hparams.get("routing") if isinstance(hparams, dict) else None
+        if saved is not None:
+            try:
+                saved = routing_from_config(saved, where=f"checkpoint {path}").to_config()
+            except ValueError as err:
+                raise ValueError(f"{err}; resume only from checkpoints of this package's runs") from err
         if saved is not None and saved != self.hparams["routing"]:
             raise ValueError(
                 f"checkpoint {path} was trained with routing {saved}, but this run asks for {self.hparams['routing']}; "
                 "resume with the routing config it was trained with, or start a new run without --ckpt_path"
             )
+        expected = {f"student.{k}": tuple(v.shape) for k, v in self.meta_student().state_dict().items()}
+        found = {k: v for k, v in checkpoint_shapes(path).items() if k.startswith("student.")}
+        wrong = [(k, found[k], expected[k]) for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if wrong or missing or extra:
+            what = (f"{wrong[0][0]} has shape {wrong[0][1]} there, this run's model {wrong[0][2]}" if wrong else
+                    f"tensors missing from it: {missing[:3]}" if missing else f"tensors this model lacks: {extra[:3]}")
+            raise ValueError(f"checkpoint {path} does not fit the configured student ({self.student_path or self.teacher_path}"
+                             f" + {type(self.routing).__name__}): {what}; resume with the model it was trained with")
+
+    def meta_student(self) -> nn.Module:
+        """The configured student on the meta device (shapes and names only, no weights read)."""
+        src = self.student_path or self.teacher_path
+        model = sharding.build_empty(src)
+        if not any(isinstance(m, BaseRouter) for m in model.modules()):
+            inject(model, self.routing, init=False)
+        return model
 
     @override
     def preflight(self, datamodule=None) -> None:

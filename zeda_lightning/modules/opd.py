@@ -109,7 +109,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
 
             from zeda_lightning.generate import eos_token_ids
 
-            tok = AutoTokenizer.from_pretrained(self.teacher_path)
+            tok = AutoTokenizer.from_pretrained(self.teacher_path, trust_remote_code=False)
             eos = eos_token_ids(self.student, tok)
             if not eos:
                 raise ValueError(f"{self.teacher_path}: no eos token id in the generation config or tokenizer")
@@ -234,6 +234,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
             policy_loss, clip_fraction = ppo_clip_loss(logp, rollout["old_logp"], adv, mask, self.clip_eps, self.clip_eps_high)
         token_mask = rollout["attention_mask"].reshape(-1).bool()
         aux = self.aux_loss(records, token_mask)
+        self.check_finite({"policy": policy_loss, "aux": aux},
+                          detail=lambda name: self.nonfinite_layers(records, token_mask) if name == "aux" else None)
         loss = policy_loss + aux
         bs = rollout["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

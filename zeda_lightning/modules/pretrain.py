@@ -69,6 +69,7 @@ class LMPretrainModule(TrainModuleBase):
     @override
     def training_step(self, batch, batch_idx):
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.check_finite({"language-model": out.loss})
         self.log("train/loss", out.loss, prog_bar=True)
         if getattr(out, "aux_loss", None) is not None:
             self.log("train/aux_loss", out.aux_loss)
@@ -102,10 +103,14 @@ class LMPretrainModule(TrainModuleBase):
         self.domain_nll.reset()
 
     @override
+    def protected_paths(self, trainer) -> list[str]:
+        return super().protected_paths(trainer) + ([self.tokenizer_path] if self.tokenizer_path else [])
+
+    @override
     def export_model_and_tokenizer(self):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_path) if self.tokenizer_path else None
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=False) if self.tokenizer_path else None
         if getattr(self.model.config, "output_router_logits", False):
             self.model.config.output_router_logits = False  # a training-time switch; the export is for inference
         return self.model, tok
