@@ -142,7 +142,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                                                torch.memory_format))):
             return getattr(torch, name)
-        if (module, name) in {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path"),
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path"),
                               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
