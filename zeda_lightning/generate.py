@@ -24,7 +24,11 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
     rows = []
     for i, row in enumerate(ds):
         if row.get("messages") is not None:
-            text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+            try:
+                text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # jinja errors (raise_exception in a template), no template at all, ...
+                raise ValueError(f"{path}, line {i + 1}: field 'messages': the chat template failed "
+                                 f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
         elif row.get("prompt") is not None:
             text = row["prompt"]
         elif row.get("text") is not None:
@@ -33,6 +37,29 @@ def _read_prompts(path: str, tokenizer) -> list[dict]:
             raise ValueError(f"{path}, line {i + 1}: a prompt row needs 'prompt', 'text' or 'messages'")
         rows.append({"prompt": text, **({"domain": row["domain"]} if row.get("domain") else {})})
     return rows
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, num_samples: int = 1,
+                   batch_size: int = 1, max_prompt_tokens: int | None = None) -> None:
+    """Refuse sampling settings ``generate`` would misread (a negative temperature silently turns greedy) or fail on
+    only after the model is loaded."""
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = [
+        ("max_new_tokens", max_new_tokens, whole(max_new_tokens) and max_new_tokens >= 1, ">= 1"),
+        ("temperature", temperature, isinstance(temperature, (int, float)) and temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", top_p, isinstance(top_p, (int, float)) and 0 < top_p <= 1, "in (0, 1] (1 = no nucleus cut)"),
+        ("top_k", top_k, whole(top_k) and top_k >= 0, ">= 0 (0 = the whole vocabulary)"),
+        ("num_samples", num_samples, whole(num_samples) and num_samples >= 1, ">= 1"),
+        ("batch_size", batch_size, whole(batch_size) and batch_size >= 1, ">= 1"),
+        ("max_prompt_tokens", max_prompt_tokens,
+         max_prompt_tokens is None or (whole(max_prompt_tokens) and max_prompt_tokens >= 1), ">= 1 (or unset)"),
+    ]
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value!r}; set {name} (--{name}) to such a value")
 
 
 def eos_token_ids(lm, tok=None) -> list[int]:
@@ -52,7 +79,7 @@ def load_for_generation(model: str):
     from zeda_lightning.export import check_model_dir, from_pretrained
 
     check_model_dir(model, require_tokenizer=True)
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -63,10 +90,8 @@ def _sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: floa
             num_samples: int, max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
     """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
     (text-major order) and their token counts. Skipped expert slots cost nothing in prefill and decode alike."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   num_samples=num_samples, max_prompt_tokens=max_prompt_tokens)
     limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
@@ -109,6 +134,7 @@ def generate_text(
     Greedy by default (``temperature=0``); ``top_k=0`` samples from the whole vocabulary. A zeda export keeps its
     compute budget (``config.zeda_budget``). The caller's tokenizer settings and random state are left as they were.
     """
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     if isinstance(model, str):
         lm, tok = load_for_generation(model)
     elif tokenizer is None:
@@ -184,8 +210,8 @@ def generate_responses(
         raise ValueError("give either --prompt TEXT or --prompts FILE --out FILE (exactly one of them)")
     if prompts is not None and out is None:
         raise ValueError("--prompts needs --out FILE for the jsonl rows")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   num_samples=num_samples, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     if out is not None and os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite true to replace it")
     if prompt is not None:

@@ -1,0 +1,87 @@
+"""Sampling settings of ``generate`` from the user's side: out-of-range values are one ``ValueError`` line naming
+the argument, raised before the model is loaded (Python functions and ``python -m zeda_lightning generate``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zeda_lightning import generate as G
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEACHER = os.path.join(ROOT, "assets", "tiny_teacher")
+
+BAD = [
+    ("temperature", -0.5, "temperature must be >= 0"),
+    ("temperature", float("nan"), "temperature must be >= 0"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(model):
+        raise AssertionError(f"the model was loaded ({model}) before the arguments were checked")
+
+    monkeypatch.setattr(G, "load_for_generation", refuse)
+
+
+@pytest.mark.parametrize("name, value, says", BAD)
+def test_generate_text_refuses_bad_sampling_settings_before_loading(no_model_load, name, value, says):
+    with pytest.raises(ValueError, match=says):
+        G.generate_text(TEACHER, "def f(x):", **{name: value})
+
+
+@pytest.mark.parametrize("name, value, says", BAD + [
+    ("num_samples", 0, "num_samples must be >= 1"),
+    ("batch_size", 0, "batch_size must be >= 1"),
+    ("max_prompt_tokens", 0, "max_prompt_tokens must be >= 1"),
+])
+def test_generate_responses_refuses_bad_sampling_settings_before_loading(no_model_load, tmp_path, name, value, says):
+    with pytest.raises(ValueError, match=says):
+        G.generate_responses(TEACHER, prompt="def f(x):", **{name: value})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n')
+    with pytest.raises(ValueError, match=says):
+        G.generate_responses(TEACHER, prompts=str(prompts), out=str(tmp_path / "out.jsonl"), **{name: value})
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_valid_edge_values_are_accepted(no_model_load):
+    G.check_sampling(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, num_samples=1, batch_size=1)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the checks: it goes on to load
+        G.generate_text(TEACHER, "x", temperature=0, top_p=1.0, top_k=0, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("flag, says", [("--temperature=-1", "temperature must be >= 0 (0 = greedy), got -1.0"),
+                                        ("--top_p=0", "top_p must be in (0, 1] (1 = no nucleus cut), got 0.0")])
+def test_cli_generate_bad_setting_exits_2_in_one_line_before_loading(tmp_path, flag, says):
+    missing = tmp_path / "no_model_here"  # a model is never looked at: the setting is refused first
+    proc = subprocess.run([sys.executable, "-m", "zeda_lightning", "generate", "--model", str(missing),
+                           "--prompt", "def f(x):", flag], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("zeda_lightning: error:")]
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_tokenizer_is_loaded_without_remote_code(monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code", "unset"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    _, tok = G.load_for_generation(TEACHER)
+    assert seen == [False] and tok.padding_side == "left"
