@@ -29,20 +29,17 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from zeda_lightning.fsio import fsync_path, umask
+
 _DCP_METADATA = ".metadata"
 _STAGING = ".{name}.zeda-staging"  # a distributed checkpoint being written
 _PREVIOUS = ".{name}.zeda-previous"  # the one it replaces, until the swap is done
 
 
 def fsync_replace(tmp: str, target: str) -> None:
-    """``os.replace`` after flushing ``tmp`` to disk, then fsync the directory so the rename is durable."""
+    """``os.replace``, then fsync the directory so the rename is durable."""
     os.replace(tmp, target)
-    with contextlib.suppress(OSError):
-        fd = os.open(os.path.dirname(os.path.abspath(target)) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_path(os.path.dirname(os.path.abspath(target)) or ".")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
             fsync_replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -68,12 +65,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def make_checkpoints_atomic(trainer) -> None:
@@ -202,14 +193,15 @@ def checkpoint_meta(path: str) -> dict:
     return ckpt
 
 
-def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """``{state_dict key: shape}`` of a checkpoint, without reading tensor data."""
+def checkpoint_shapes(path: str, loaded: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """``{state_dict key: shape}`` of a checkpoint, without reading tensor data (``loaded``: what
+    :func:`checkpoint_meta` already returned for a single file, so it is not loaded twice)."""
     if os.path.isdir(path):
         md = read_dcp_metadata(path)
         prefix = "state_dict."
         return {k[len(prefix):]: tuple(v.size) for k, v in md.state_dict_metadata.items()
                 if k.startswith(prefix) and hasattr(v, "size")}
-    state = checkpoint_meta(path)["state_dict"]
+    state = (loaded if loaded is not None else checkpoint_meta(path))["state_dict"]
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from zeda_lightning.adapters import CONFIG_KEY, inject
+from zeda_lightning.fsio import fsync_path, pid_alive, umask
 from zeda_lightning.routing import routing_from_config
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
@@ -91,18 +92,6 @@ def _is_in_progress(path: str) -> bool:
         return False
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _busy_elsewhere(path: str) -> int | None:
     """The pid of another live process on this host still writing the temporary export ``path``, if any."""
     for name in (INCOMPLETE_MARKER, EXPORT_MARKER):
@@ -110,7 +99,7 @@ def _busy_elsewhere(path: str) -> int | None:
         if marker is None:
             continue
         pid = marker.get("pid")
-        if marker.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
+        if marker.get("host") == socket.gethostname() and pid != os.getpid() and pid_alive(pid):
             return pid
         return None
     return None
@@ -119,36 +108,10 @@ def _busy_elsewhere(path: str) -> int | None:
 # ------------------------------------------------------------------------------------------ file-system helpers
 
 
-def _umask() -> int:
-    try:  # thread-safe where /proc has it
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_path(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _finalise_tree(root: str) -> None:
     """Give every directory ``0o777 & ~umask`` and every file ``0o666 & ~umask`` (``mkdtemp`` makes the directory
     0700 and safetensors writes its file through a private 0600 temporary), and flush them to disk."""
-    mask = _umask()
+    mask = umask()
     for dirpath, dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~mask)
         for name in filenames:
@@ -156,10 +119,10 @@ def _finalise_tree(root: str) -> None:
             if os.path.islink(path):
                 continue
             os.chmod(path, 0o666 & ~mask)
-            _fsync_path(path)
+            fsync_path(path)
         for name in dirnames:
-            _fsync_path(os.path.join(dirpath, name))
-    _fsync_path(root)
+            fsync_path(os.path.join(dirpath, name))
+    fsync_path(root)
 
 
 def _remove_export(path: str) -> None:
@@ -229,7 +192,7 @@ def recover_export(out_dir: str | os.PathLike) -> list[str]:
             except OSError as err:
                 done.append(f"could not restore {out_dir} from {marked[0]}: {err}")
             else:
-                _fsync_path(parent)
+                fsync_path(parent)
                 done.append(f"restored {out_dir} from {marked[0]} (an overwrite was interrupted)")
             olds.remove(marked[0])
         elif len(marked) > 1:
@@ -381,14 +344,14 @@ def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: b
             except BaseException:
                 os.rename(old, out_dir)
                 raise
-            _fsync_path(parent)
+            fsync_path(parent)
             try:
                 _remove_export(old)
             except OSError:
                 pass  # a marked leftover: the next export_model / recover_export removes it
         else:
             os.replace(tmp, out_dir)  # over nothing, or over an empty directory
-            _fsync_path(parent)
+            fsync_path(parent)
     except BaseException:
         try:
             if os.path.isdir(tmp):

@@ -15,20 +15,12 @@ import socket
 import sys
 import time
 
+from zeda_lightning.fsio import pid_alive
+
 
 def lock_path(directory: str) -> str:
     directory = os.path.abspath(directory)
     return os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.zeda-lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _owner(path: str) -> dict | None:
@@ -42,7 +34,7 @@ def _owner(path: str) -> dict | None:
 
 def _is_stale(owner: dict) -> bool:
     pid = owner.get("pid")
-    return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+    return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
 
 
 class RunLock:

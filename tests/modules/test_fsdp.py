@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,17 +32,6 @@ PARITY_RTOL = 2e-3
 VAL_RTOL = 5e-3
 
 
-class KillAtStep(L.Callback):
-    """SIGKILL every rank when ``step`` optimiser steps are done (after that step's checkpoint was written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +44,7 @@ def fit(tmp, name, *, devices=2, batch=4, kill_at=None, resume=False, extra=()):
                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": 0,
                                 "every_n_train_steps": 2}}]
     if kill_at is not None:
-        callbacks.append({"class_path": "tests.modules.test_fsdp.KillAtStep", "init_args": {"step": kill_at}})
+        callbacks.append({"class_path": "tests.safety.callbacks.KillAtStep", "init_args": {"step": kill_at}})
     override = {
         "trainer": {
             "devices": devices, "max_steps": STEPS, "val_check_interval": STEPS, "limit_val_batches": 2,

@@ -109,19 +109,9 @@ def test_tokenizer_with_a_tiny_vocabulary_or_no_eos_is_refused(tmp_path):
     assert str(noeos) in message and "no eos token" in message and "add_eos: false" in message
 
 
-def test_tokenizer_is_loaded_without_remote_code(tmp_path, monkeypatch):
-    import transformers
-
-    seen = []
-    real = transformers.AutoTokenizer.from_pretrained
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("trust_remote_code", "unset"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+def test_tokenizer_is_loaded_without_remote_code(tmp_path, tokenizer_loads):
     ZedaDataModule(tokenizer=TEACHER, train_files=write_jsonl(tmp_path / "t.jsonl", OK_ROWS[:2])).check()
-    assert seen == [False]
+    assert tokenizer_loads == [False]
 
 
 # -- 2. packed splits shorter than one block --------------------------------------------------------------------

@@ -72,16 +72,6 @@ def test_cli_generate_bad_setting_exits_2_in_one_line_before_loading(tmp_path, f
     assert "Traceback" not in proc.stderr
 
 
-def test_tokenizer_is_loaded_without_remote_code(monkeypatch):
-    import transformers
-
-    seen = []
-    real = transformers.AutoTokenizer.from_pretrained
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("trust_remote_code", "unset"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+def test_tokenizer_is_loaded_without_remote_code(tokenizer_loads):
     _, tok = G.load_for_generation(TEACHER)
-    assert seen == [False] and tok.padding_side == "left"
+    assert tokenizer_loads == [False] and tok.padding_side == "left"

@@ -513,7 +513,8 @@ class ZedaDistillModule(TrainModuleBase):
         same routing config and the same tensor shapes (refused before anything is written, naming both)."""
         from zeda_lightning.checkpointing import checkpoint_meta, checkpoint_shapes
 
-        hparams = checkpoint_meta(path).get("hyper_parameters") or {}
+        meta = checkpoint_meta(path)
+        hparams = meta.get("hyper_parameters") or {}
         saved = hparams.get("routing") if isinstance(hparams, dict) else None
         if saved is not None:
             try:
@@ -526,7 +527,7 @@ class ZedaDistillModule(TrainModuleBase):
                 "resume with the routing config it was trained with, or start a new run without --ckpt_path"
             )
         expected = {f"student.{k}": tuple(v.shape) for k, v in self.meta_student().state_dict().items()}
-        found = {k: v for k, v in checkpoint_shapes(path).items() if k.startswith("student.")}
+        found = {k: v for k, v in checkpoint_shapes(path, meta).items() if k.startswith("student.")}
         wrong = [(k, found[k], expected[k]) for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         if wrong or missing or extra:
