@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import tempfile
 
 import pytest
+
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="zeda-test-datasets-")
+
+
+def pytest_configure(config):
+    """The tokenised-data cache of every test (and of the CLI runs and notebooks they start) goes to a temporary
+    directory, never into the user's datasets cache; set before ``datasets`` reads it at import."""
+    os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 DOMAINS = ("code", "prose", "math")
 

@@ -144,17 +144,22 @@ def test_fit_with_a_packed_validation_file_shorter_than_one_block_exits_2(tmp_pa
 
 
 def test_check_tokenises_once_and_setup_reuses_it(tmp_path, monkeypatch):
+    """The preflight's tokenisation is the run's: one batched pass per dataset, reused by setup and by a second
+    data module on the same files (the on-disk cache)."""
+    from zeda_lightning.data import module as data_module
+
     train = write_jsonl(tmp_path / "train.jsonl", OK_ROWS)
-    dm = ZedaDataModule(tokenizer=TEACHER, train_files=train, val_files=train, packing=True, max_length=64,
-                        batch_size=2)
-    calls = []
-    real = dm._encode_row
-    monkeypatch.setattr(dm, "_encode_row", lambda row: calls.append(1) or real(row))
+    calls, real = [], data_module.encode_rows
+    monkeypatch.setattr(data_module, "encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(tokenizer=TEACHER, train_files=train, val_files=train, packing=True, max_length=64, batch_size=2,
+              cache_dir=str(tmp_path / "cache"))
+    dm = ZedaDataModule(**kw)
     dm.check()
-    assert len(calls) == 2 * len(OK_ROWS) and set(dm.datasets) == {"train", "val"}
+    assert len(calls) == 1 and set(dm.datasets) == {"train", "val"}
     dm.setup("fit")
     dm.setup("validate")
-    assert len(calls) == 2 * len(OK_ROWS)
+    ZedaDataModule(**kw).setup("fit")
+    assert len(calls) == 1
     assert len(next(iter(dm.train_dataloader()))["input_ids"]) == 2
 
 
@@ -225,7 +230,7 @@ def test_line_numbers_count_blank_lines(tmp_path):
 
 
 def test_generation_prompts_may_end_with_a_user_turn(tmp_path):
-    from zeda_lightning.data.module import load_rows
+    from zeda_lightning.data.files import load_rows
 
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [USER]}, {"prompt": "q", "response": ""}])
     assert len(load_rows(path, prompts_only=True)) == 2

@@ -36,13 +36,19 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from zeda_lightning.fsio import atomic_write
+
+try:
+    from pydoc_data.topics import topics as _PYDOC_TOPICS
+except ImportError:  # stripped-down Python builds: no topics prose
+    _PYDOC_TOPICS = {}
 
 DOMAINS: tuple[str, ...] = ("code", "prose", "math")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -349,13 +355,9 @@ def _pack_paragraphs(pars: list[str], min_chars: int, max_chars: int) -> Iterato
 
 def topics_prose() -> list[tuple[str, list[str]]]:
     """``(group, paragraphs)`` for each ``pydoc_data.topics`` entry, sorted by topic name."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # stripped-down Python builds
-        return []
     out = []
-    for name in sorted(topics):
-        pars = [p for block in _paragraphs(topics[name]) if (p := _clean_paragraph(block))]
+    for name in sorted(_PYDOC_TOPICS):
+        pars = [p for block in _paragraphs(_PYDOC_TOPICS[name]) if (p := _clean_paragraph(block))]
         if pars:
             out.append((f"topic:{name}", pars))
     return out
@@ -989,19 +991,10 @@ def _split(docs: list[Doc], rng: random.Random, val_fraction: float, test_fracti
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict[str, str]]) -> tuple[int, str]:
+    """Write ``rows`` as JSON lines, all or nothing; returns the file's size and sha256."""
     data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -1079,12 +1072,8 @@ def build_corpus(
     }
     stats["total_bytes"] = sum(f["bytes"] for f in stats["files"].values())
     stats["total_mb"] = round(stats["total_bytes"] / 1e6, 3)
-    blob = (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=".stats.json.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(blob)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "stats.json")
+    with atomic_write(out / "stats.json", "wb") as fh:
+        fh.write((json.dumps(stats, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return stats
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from zeda_lightning.fsio import atomic_dir
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -60,8 +63,6 @@ def iter_texts(jsonl_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[
 
 def build_backend_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Any:
     """Train the raw ``tokenizers.Tokenizer`` (byte-level BPE) on ``texts``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -85,8 +86,6 @@ def build_backend_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_fr
 
 def wrap(backend: Any, model_max_length: int | None = None) -> Any:
     """Wrap a trained ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` with the chat template."""
-    from transformers import PreTrainedTokenizerFast
-
     kwargs: dict[str, Any] = {}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
@@ -106,26 +105,11 @@ def wrap(backend: Any, model_max_length: int | None = None) -> Any:
 
 
 def save_atomic(tokenizer: Any, out_dir: str | os.PathLike[str]) -> Path:
-    """``save_pretrained`` into a temp folder beside ``out_dir`` then swap it in with renames."""
+    """``save_pretrained`` into a temporary folder beside ``out_dir``, then swapped in for it (``fsio.atomic_dir``:
+    the old one is moved aside, then removed; umask modes; a failure leaves ``out_dir`` as it was)."""
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    old: Path | None = None
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -152,8 +136,6 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """``AutoTokenizer.from_pretrained(path)`` from local files only."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
