@@ -27,9 +27,11 @@ import torch
 from transformers import AutoTokenizer
 
 from moe_block import resolve_threads  # bench/ is on sys.path when a bench runs as a script
-from zeda_lightning import StaticTopK, inject
+from zeda_lightning.adapters import inject
 from zeda_lightning.budget import calibrate_zero_bias, measure_zero_ratio, set_zero_logit_bias, text_blocks
 from zeda_lightning.export import from_pretrained
+from zeda_lightning.fsio import atomic_write
+from zeda_lightning.routing import StaticTopK
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,9 +85,8 @@ def plot(rows: list[dict], refs: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,10 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         "png": png,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    tmp = os.path.join(args.out, ".budget.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(args.out, "budget.json")) as f:
         json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "budget.json"))
     print(json.dumps(result))
     return result
 

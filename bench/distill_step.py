@@ -83,6 +83,7 @@ import torch
 from torch import Tensor
 
 from _timing import PairedTiming, time_paired  # bench/ is on sys.path when a bench runs as a script
+from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.losses import cross_entropy
 from zeda_lightning.modules import ZedaDistillModule
 from zeda_lightning.modules.distill import check_teacher_dir
@@ -222,7 +223,7 @@ def zero_share(module: ZedaDistillModule, batch: dict[str, Tensor]) -> float:
     """Share of the student's (token, slot) pairs routed to a zero expert on the batch."""
     with capture_routing(module.student) as records:
         module.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return torch.stack([r.skipped for r in records.values()]).float().mean().item()
+    return zero_ratio(records).item()
 
 
 # -- step time ---------------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def phase_times(runner: Runner, batch: dict[str, Tensor]) -> dict[str, float]:
         token_mask = batch["attention_mask"].reshape(-1).bool()
         logits, records = module.student_forward(batch)
         lap("student_forward")
-        teacher_logits = module.teacher_forward(batch) if module.objective != "sft" else None
+        teacher_logits = module.teacher_forward(batch) if module.objective.needs_teacher else None
         lap("teacher_forward")
         loss = module.distill_loss(logits, teacher_logits, batch["labels"]) + module.aux_loss(records, token_mask)
         lap("loss")

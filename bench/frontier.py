@@ -32,12 +32,31 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+
+from zeda_lightning.adapters import adapter_for, inject
+from zeda_lightning.analysis import routing_report, token_view, zero_ratio
+from zeda_lightning.callbacks import ZeroShareBiasController
+from zeda_lightning.data.module import ZedaDataModule, load_rows
+from zeda_lightning.export import from_pretrained
+from zeda_lightning.fsio import atomic_write
+from zeda_lightning.modules import ZedaDistillModule
+from zeda_lightning.routing import (
+    AdaMoE,
+    LongCatBias,
+    MoEPlusPlus,
+    NullExperts,
+    StaticTopK,
+    TopP,
+    ZeroExperts,
+    capture_routing,
+    iter_routers,
+)
+from zeda_lightning.solve import bisect_monotone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "assets/tiny_teacher")
@@ -100,12 +119,8 @@ def static_ks(targets, top_k: int) -> list[int]:
 
 @torch.no_grad()
 def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10) -> float:
-    """p whose top-p routing on the teacher skips a ``target`` share of the K slots (bisection; the share falls as
-    p grows)."""
-    from zeda_lightning import inject
-    from zeda_lightning.analysis import expert_flop_fraction, stacked_skips
-    from zeda_lightning.routing import TopP, capture_routing, iter_routers
-
+    """p whose top-p routing on the teacher skips a ``target`` share of the K slots (bisection on [0.001, 1]; the
+    share falls as p grows)."""
     model = inject(teacher, TopP(p=0.5))
     routers = list(iter_routers(model))
 
@@ -117,22 +132,15 @@ def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10
             with capture_routing(model) as rec:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             n_tok = int(b["attention_mask"].sum())
-            num += (1.0 - expert_flop_fraction(stacked_skips(rec), b["attention_mask"])) * n_tok
+            num += zero_ratio(rec, b["attention_mask"]).item() * n_tok
             den += n_tok
         return num / den
 
-    lo, hi = 1e-3, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if share(mid) > target else (lo, mid)
-    return round((lo + hi) / 2, 4)
+    p, _ = bisect_monotone(share, target, 1e-3, 1.0, iters=iters, increasing=False)
+    return round(p, 4)
 
 
 def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list[dict]) -> list[Plan]:
-    from zeda_lightning.callbacks import ZeroShareBiasController
-    from zeda_lightning.export import from_pretrained
-    from zeda_lightning.routing import AdaMoE, LongCatBias, MoEPlusPlus, NullExperts, StaticTopK, TopP, ZeroExperts
-
     n, k, seed = dims["num_experts"], dims["top_k"], budget.seed
     plans = []
     for method in methods:
@@ -176,9 +184,6 @@ def interleave_domains(blocks: list[dict]) -> list[dict]:
 
 def teacher_dims() -> dict:
     """N and K of the teacher's first MoE block, read through its family adapter."""
-    from zeda_lightning.adapters import adapter_for
-    from zeda_lightning.export import from_pretrained
-
     model = from_pretrained(TEACHER)
     adapter = adapter_for(model)
     _, block = adapter.find_blocks(model)[0]
@@ -189,8 +194,6 @@ def teacher_dims() -> dict:
 # -- one run -------------------------------------------------------------------------------------------------------
 def sample_texts(path: str, chars: int) -> dict[str, str]:
     """The first ``chars`` characters of each domain's first document in ``path``."""
-    from zeda_lightning.data.module import load_rows
-
     out: dict[str, str] = {}
     for row in load_rows(path):
         out.setdefault(row.get("domain") or "text", row["text"][:chars])
@@ -199,9 +202,6 @@ def sample_texts(path: str, chars: int) -> dict[str, str]:
 
 def train_and_measure(plan: Plan, dm, budget: Budget, samples: dict[str, str]) -> tuple[dict, dict]:
     import lightning as L
-
-    from zeda_lightning.analysis import routing_report, token_view
-    from zeda_lightning.modules import ZedaDistillModule
 
     L.seed_everything(budget.seed, verbose=False)
     lr = budget.lr
@@ -273,25 +273,14 @@ def compare_at_matched_flops(rows: list[dict], reference: str = "zeda") -> list[
     return out
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_csv(path: str, rows: list[dict]) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue().encode())
+    with atomic_write(path, "wb") as f:
+        f.write(buf.getvalue().encode())
 
 
 def read_csv(path: str) -> list[dict]:
@@ -326,10 +315,9 @@ def plot_frontier(rows: list[dict], teacher_nll: float, path: str | None = None)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     if path is not None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
         plt.close(fig)
-        _write_atomic(path, buf.getvalue())
     return fig
 
 
@@ -344,15 +332,14 @@ def write_outputs(out: str, rows: list[dict], where: dict, budget: Budget, dims:
     }
     write_csv(os.path.join(out, "frontier.csv"), rows)
     plot_frontier(rows, teacher_nll, os.path.join(out, "frontier.png"))
-    _write_atomic(os.path.join(out, "where.json"), json.dumps(where).encode())
-    _write_atomic(os.path.join(out, "frontier.json"), json.dumps(summary, indent=1).encode())
+    for name, payload in (("where.json", json.dumps(where)), ("frontier.json", json.dumps(summary, indent=1))):
+        with atomic_write(os.path.join(out, name)) as f:
+            f.write(payload)
     return summary
 
 
 def run(budget: Budget, methods=METHODS, ratios=RATIOS, out: str = "runs/frontier/full", log=print) -> dict:
     """Train and measure every (method, ratio), write the outputs under ``out``, return the summary."""
-    from zeda_lightning.data.module import ZedaDataModule
-
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
         raise ValueError(f"unknown methods {bad or methods}; choose from {ALL_METHODS}")

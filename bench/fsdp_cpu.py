@@ -70,8 +70,9 @@ def _worker(rank: int, world: int, sharded: bool, port: int, args, out: str) -> 
     if sharded:
         from torch.distributed.device_mesh import init_device_mesh
 
-        module._configure_fsdp2(init_device_mesh("cpu", (world,)), torch.float32, None)
-        module._build_metrics()
+        from zeda_lightning.modules.builders import build_fsdp2
+
+        module.use_models(build_fsdp2(module.spec, init_device_mesh("cpu", (world,)), torch.float32, None))
     else:
         module.configure_model()
     vocab = module.teacher_cfg["vocab_size"]

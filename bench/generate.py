@@ -38,6 +38,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from _timing import time_paired  # bench/ is on sys.path when a bench runs as a script
 from moe_block import resolve_threads
+from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.budget import calibrate_zero_bias, text_blocks
 from zeda_lightning.export import from_pretrained
 from zeda_lightning.routing import capture_routing
@@ -95,8 +96,8 @@ class Decode:
 def zero_ratio_of(model, run) -> float | None:
     with capture_routing(model, accumulate=True) as rec:
         run()
-    skipped = [o.skipped.float() for outs in rec.values() for o in outs]
-    return None if not skipped else float(sum(s.sum() for s in skipped) / sum(s.numel() for s in skipped))
+    outs = [o for layer in rec.values() for o in layer]  # every forward of the run routes the same T tokens
+    return zero_ratio(outs).item() if outs else None
 
 
 def main(argv: list[str] | None = None) -> dict:

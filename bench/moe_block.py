@@ -57,8 +57,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3MoeConfig
 
 from _timing import PairedTiming, time_paired  # bench/ is on sys.path when a bench runs as a script
-from zeda_lightning import ZeroExperts, inject
-from zeda_lightning.routing.zero_experts import ZeroExpertRouter
+from zeda_lightning.adapters import inject
+from zeda_lightning.analysis import zero_ratio as records_zero_ratio
+from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
+from zeda_lightning.solve import bisect_monotone
 
 IMPLS = ("eager", "batched_mm", "grouped_mm")
 RATIOS = (0.0, 0.25, 0.5, 0.75)
@@ -195,22 +197,22 @@ class Variant:
 
 def zero_ratio(router: ZeroExpertRouter, h: Tensor) -> float:
     """Share of (token, slot) pairs routed to a zero expert."""
-    _, _, selected = router(h)
-    return (selected >= router.num_experts).float().mean().item()
+    return records_zero_ratio([router.route(h)]).item()
 
 
 def calibrate(router: ZeroExpertRouter, h: Tensor, target: float, tol: float, lo: float = -50.0,
               hi: float = 50.0) -> float:
     """Bisect ``zero_logit_bias`` until the realised zero ratio on ``h`` is within ``tol`` of ``target``."""
     router.mask_zero = False
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        router.zero_logit_bias = mid
-        got = zero_ratio(router, h)
-        if abs(got - target) <= tol:
-            return mid
-        lo, hi = (mid, hi) if got < target else (lo, mid)
-    raise RuntimeError(f"no zero_logit_bias reaches zero ratio {target} +/- {tol} (last {got:.4f} at {mid:.4f})")
+
+    def ratio_at(bias: float) -> float:
+        router.zero_logit_bias = bias
+        return zero_ratio(router, h)
+
+    bias, got = bisect_monotone(ratio_at, target, lo, hi, iters=100, tol=tol)
+    if abs(got - target) > tol:
+        raise RuntimeError(f"no zero_logit_bias reaches zero ratio {target} +/- {tol} (closest {got:.4f} at {bias:.4f})")
+    return bias
 
 
 def make_variants(router: ZeroExpertRouter, h: Tensor, tol: float) -> list[Variant]:

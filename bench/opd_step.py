@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from zeda_lightning import ZeroExperts
+from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.data.module import ZedaDataModule
 from zeda_lightning.modules import OnPolicyDistillModule
-from zeda_lightning.routing import capture_routing
+from zeda_lightning.routing import ZeroExperts, capture_routing
 
 
 def _prompts(model_dir: str, batch: int, prompt_tokens: int) -> dict:
@@ -41,13 +41,13 @@ def time_phases(module: OnPolicyDistillModule, batch: dict, reps: int) -> dict[s
         p = rollout["prompt_len"]
         response = rollout["input_ids"][:, p:]
         with torch.no_grad():
-            t_logits = module._teacher_logits(rollout)[:, p - 1 : -1]
-            old = module._forward_student(rollout)[0][:, p - 1 : -1]
+            t_logits = module.teacher_forward(rollout)[:, p - 1 : -1]
+            old = module.rollout_forward(rollout)[0][:, p - 1 : -1]
         rollout["teacher_logp"] = torch.log_softmax(t_logits.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
         rollout["old_logp"] = torch.log_softmax(old.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
         rollout["teacher_log_probs"] = torch.log_softmax(t_logits.float(), -1)
         t2 = time.perf_counter()
-        module._rollout = rollout
+        module._rollouts = {0: (module.global_step, rollout)}
         module.rollout_reuse = 10**9  # reuse the rollout just made: the update phase alone
         loss = module.training_step(batch, 0)
         opt.zero_grad()
@@ -95,7 +95,7 @@ def main() -> None:
     student, teacher = module.student.eval(), module.teacher
     with capture_routing(student) as rec:
         student(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"])
-    zero = torch.cat([r.skipped.flatten() for r in rec.values()]).float().mean().item()
+    zero = zero_ratio(rec, batch["prompt_mask"]).item()
     s_tps, t_tps = [], []
     for _ in range(max(2, args.reps // 2)):
         s_tps.append(sampling_throughput(student, batch, args.new_tokens))

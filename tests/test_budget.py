@@ -132,3 +132,16 @@ def test_budget_bad_input_writes_nothing(tmp_path, zeda_student, tiny_teacher, t
     with pytest.raises(ValueError, match="unreachable"):
         calibrate_zero_bias(one_zero, calib, 0.6)
     assert zero_logit_biases(one_zero) == [0.0] * len(zero_logit_biases(one_zero))
+
+
+def test_a_routing_without_the_budget_capability_is_refused():
+    """LongCat's controller and MoE++ select without the zero-logit bias: calibrating them would bisect a knob that
+    does nothing, so the budget refuses them by the capability they (do not) declare."""
+    from zeda_lightning.adapters import inject
+    from zeda_lightning.budget import zero_routers
+    from zeda_lightning.routing import LongCatBias, MoEPlusPlus
+    from zeda_lightning.tiny import tiny_model
+
+    for variant in (LongCatBias(seed=0), MoEPlusPlus(seed=0)):
+        with pytest.raises(ValueError, match="do not take the zero-logit budget"):
+            zero_routers(inject(tiny_model("qwen3_moe"), variant))

@@ -4,6 +4,7 @@ parameters, trainable parameters and memory per GPU for every preset and strateg
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -11,8 +12,11 @@ import resource
 
 import pytest
 import torch
+import yaml
 
-from zeda_lightning.estimate import GIB, main as estimate_main
+from zeda_lightning.cli import main as cli_entry
+from zeda_lightning.data.module import ZedaDataModule
+from zeda_lightning.estimate import GIB
 from zeda_lightning.routing import ZeroExperts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +32,7 @@ def run_estimate(*argv) -> tuple[str, dict]:
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out):
-            estimate_main(list(argv))
+            cli_entry(["estimate", *argv])
     finally:
         os.chdir(cwd)
     text = out.getvalue()
@@ -126,8 +130,46 @@ def test_more_gpus_shard_the_states_further():
     assert b["gathered_layers"] == a["gathered_layers"]  # one layer unsharded at a time, whatever the GPU count
 
 
+def tiny_config(path, drop_batch_size: bool = False, **model_args) -> str:
+    """``configs/tiny.yaml`` written to ``path``, without ``data.init_args.batch_size`` if asked."""
+    with open(os.path.join(ROOT, "configs", "tiny.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    if drop_batch_size:
+        del cfg["data"]["init_args"]["batch_size"]
+    cfg["model"]["init_args"].update(model_args)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 def test_estimate_without_a_model_config_names_the_fix(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model:\n  init_args:\n    teacher: /nowhere\n")
-    with pytest.raises(ValueError, match="--model_dir"):
-        run_estimate("--config", str(cfg))
+    cfg = tiny_config(tmp_path / "run.yaml", teacher="/nowhere")
+    with pytest.raises(ValueError, match="no config.json at model.init_args.teacher .*--model_dir"):
+        run_estimate("--config", cfg)
+
+
+def test_estimate_reads_the_config_fit_would_run_defaults_and_overrides(tmp_path):
+    """The YAML is read by fit's parser: what it leaves out comes from the classes' signatures (the data module's
+    batch_size), and flags override it as they do for fit."""
+    default = inspect.signature(ZedaDataModule).parameters["batch_size"].default
+    assert default == 8
+    cfg = tiny_config(tmp_path / "run.yaml", drop_batch_size=True)
+    text, result = run_estimate("--config", cfg)
+    assert result["batch_size"] == default and result["seq_len"] == 256
+    assert f"{default} sequences x 256 tokens per GPU" in text
+    _, shorter = run_estimate("--config", cfg, "--data.init_args.batch_size", "3", "--data.init_args.max_length", "64",
+                              "--trainer.devices", "2")
+    assert shorter["batch_size"] == 3 and shorter["seq_len"] == 64
+    assert by(shorter, "full", "fsdp2")["world_size"] == 2
+    # a model argument: the shipped config checkpoints activations; switched off, no layer inputs are kept
+    _, kept = run_estimate("--config", "configs/qwen3_30b_a3b/sft.yaml")
+    _, off = run_estimate("--config", "configs/qwen3_30b_a3b/sft.yaml", "--model.init_args.activation_checkpointing",
+                          "false")
+    assert by(kept, "full", "fsdp2")["breakdown_gib"]["layer_inputs"] > 0
+    assert by(off, "full", "fsdp2")["breakdown_gib"]["layer_inputs"] == 0
+
+
+def test_estimate_refuses_what_fit_would_refuse_to_parse(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run.yaml")
+    with pytest.raises(SystemExit) as err:
+        run_estimate("--config", cfg, "--model.init_args.no_such_argument", "1")
+    assert err.value.code == 2 and "no_such_argument" in capsys.readouterr().err

@@ -45,6 +45,56 @@ def test_biases_set_on_routers_directly_are_exported_too(tmp_path):
     assert zero_logit_biases(from_pretrained(str(tmp_path / "m"))) == [1.5, 1.5]
 
 
+def test_the_budget_is_a_buffer_in_the_weights_and_config_json_only_records_it(tmp_path):
+    model = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=0))
+    set_zero_logit_bias(model, [0.5, 1.0], {"target": 0.4})
+    (router, *_) = iter_routers(model)
+    assert router.zero_logit_bias.dtype == torch.float32 and router.zero_logit_bias.dim() == 0
+    assert "model.layers.0.mlp.gate.zero_logit_bias" in model.state_dict()
+    out = export_model(model, str(tmp_path / "m"))
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    assert [float(weights[f"model.layers.{i}.mlp.gate.zero_logit_bias"]) for i in (0, 1)] == [0.5, 1.0]
+    # an edited record loses to the weights, with a warning, and is then made to say what the weights hold
+    cfg = json.loads(open(os.path.join(out, "config.json")).read())
+    cfg[BUDGET_KEY]["zero_logit_bias"] = [3.0, 3.0]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.warns(UserWarning, match=r"zeda_budget records zero-logit biases \[3.0, 3.0\].*weights' are used"):
+        loaded = from_pretrained(out)
+    assert zero_logit_biases(loaded) == [0.5, 1.0]
+    assert getattr(loaded.config, BUDGET_KEY)["zero_logit_bias"] == [0.5, 1.0]
+    # a plain state-dict load restores it: no config involved
+    fresh = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=1))
+    fresh.load_state_dict(model.state_dict())
+    assert zero_logit_biases(fresh) == [0.5, 1.0]
+
+
+def test_pre_buffer_state_dicts_load_strictly_and_casts_keep_the_bias_exact():
+    model = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=0))
+    set_zero_logit_bias(model, 0.1)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(".zero_logit_bias")}  # before the change
+    other = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=1))
+    other.load_state_dict(old)  # strict: exactly the missing bias buffer is tolerated, it keeps its value
+    assert zero_logit_biases(other) == [0.0, 0.0]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*mlp\.gate\.weight"):
+        other.load_state_dict({k: v for k, v in old.items() if not k.endswith("mlp.gate.weight")})
+    model.to(torch.bfloat16)  # e.g. bf16-true: the knob stays float32, not rounded to bf16
+    (router, *_) = iter_routers(model)
+    assert router.zero_logit_bias.dtype == torch.float32 and zero_logit_biases(model) == [float(torch.tensor(0.1))] * 2
+    assert router.weight.dtype == torch.bfloat16
+
+
+def test_export_does_not_import_the_budget_module():
+    import ast
+
+    import zeda_lightning.export as export
+
+    tree = ast.parse(open(export.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "zeda_lightning.budget" not in imported and "zeda_lightning" not in imported
+
+
 def test_export_refuses_a_non_empty_path_unless_overwrite(tmp_path):
     model = inject(tiny_model("qwen3_moe"), ZeroExperts(seed=0))
     out = tmp_path / "out"

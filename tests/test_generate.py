@@ -74,7 +74,7 @@ def _expert_rows(model):
 def test_generate_text_greedy_matches_a_cache_free_argmax_loop_with_skipping(budget_student):
     import torch
 
-    from zeda_lightning.generate import generate_text, load_for_generation
+    from zeda_lightning.sampling import generate_text, load_for_generation
     from zeda_lightning.routing import capture_routing
 
     model, tok = load_for_generation(budget_student)
@@ -112,7 +112,7 @@ def test_generate_text_greedy_matches_a_cache_free_argmax_loop_with_skipping(bud
 
 
 def test_generate_single_prompt_cli_prints_response_and_zero_ratio(budget_student, capsys):
-    from zeda_lightning.generate import generate_text
+    from zeda_lightning.sampling import generate_text
 
     cli_entry(["generate", "--model", budget_student, "--prompt", "12 + 30 =", "--temperature", "0",
                "--max_new_tokens", "5"])
@@ -122,7 +122,7 @@ def test_generate_single_prompt_cli_prints_response_and_zero_ratio(budget_studen
 
 
 def test_generate_single_prompt_bad_input(tmp_path, budget_student, tiny_teacher):
-    from zeda_lightning.generate import generate_text
+    from zeda_lightning.sampling import generate_text
 
     with pytest.raises(ValueError, match="exactly one of them"):
         generate_responses(budget_student)
@@ -147,7 +147,7 @@ def test_sampling_uses_the_whole_vocabulary_every_eos_and_leaves_the_caller_stat
     eos id; the caller's tokenizer padding and random state are not changed."""
     import torch
 
-    from zeda_lightning.generate import eos_token_ids, generate_text, load_for_generation
+    from zeda_lightning.sampling import eos_token_ids, generate_text, load_for_generation
 
     lm, tok = load_for_generation(budget_student)
     tok.padding_side = "right"
@@ -169,3 +169,23 @@ def test_sampling_uses_the_whole_vocabulary_every_eos_and_leaves_the_caller_stat
     assert torch.equal(torch.rand(()), expected_next)  # the sampler's seed did not reset the global generator
     generate_text(lm, "12 + 30 =", tok, temperature=1.0, top_k=20)
     assert seen["top_k"] == 20
+
+
+def test_generate_zero_ratio_is_the_share_of_skipped_slots_over_prefill_and_decode():
+    """Records are per layer and per forward (a prefill of many tokens, then one token a step): the ratio counts
+    every (token, slot) pair once, as if all forwards were one."""
+    import torch
+
+    from zeda_lightning.generate import _zero_ratio
+    from zeda_lightning.routing import RouterOutput
+
+    def out(selected):
+        selected = torch.tensor(selected)
+        zeros = torch.zeros(selected.shape)
+        return RouterOutput(zeros, zeros, selected, selected, num_experts=4, score_func="softmax")
+
+    # two layers; prefill of 3 tokens, then two decode steps; K = 2; ids >= 4 are skipped slots
+    rec = {0: [out([[0, 4], [1, 2], [5, 6]]), out([[4, 5]]), out([[0, 1]])],
+           1: [out([[0, 1], [1, 2], [3, 0]]), out([[0, 7]]), out([[4, 1]])]}
+    flat = torch.cat([o.skipped.flatten() for outs in rec.values() for o in outs]).float()
+    assert _zero_ratio(rec) == round(float(flat.mean()), 4) == round(7 / 20, 4)

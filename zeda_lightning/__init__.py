@@ -3,7 +3,7 @@
 from zeda_lightning.adapters import inject, set_zero_mask
 from zeda_lightning.budget import calibrate_zero_bias, set_zero_logit_bias
 from zeda_lightning.export import export_model, from_pretrained
-from zeda_lightning.generate import generate_text
+from zeda_lightning.sampling import generate_text
 from zeda_lightning.routing import (
     NullExperts,
     StaticTopK,

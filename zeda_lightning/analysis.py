@@ -23,6 +23,16 @@ def stacked_skips(records: dict[int, RouterOutput]) -> Tensor:
     return torch.stack([records[i].skipped for i in sorted(records)])
 
 
+def zero_ratio(records: dict[int, RouterOutput] | Iterable[RouterOutput], token_mask: Tensor | None = None) -> Tensor:
+    """Share of skipped (token, slot) pairs over every layer's valid tokens, as a 0-d float32 tensor (0 when there is
+    no valid token). The one definition of "zero ratio" the training logs, metrics, benches and commands use."""
+    recs = list(records.values()) if isinstance(records, dict) else list(records)
+    skipped = torch.stack([r.skipped for r in recs])  # (L, T, K)
+    if token_mask is not None:
+        skipped = skipped[:, token_mask.reshape(-1).bool()]
+    return skipped.float().mean() if skipped.numel() else skipped.new_zeros((), dtype=torch.float32)
+
+
 def expert_flop_fraction(skipped: Tensor, token_mask: Tensor | None = None) -> float:
     """Realised routed-expert FLOPs over the unmodified model's, from ``skipped`` (L, T, K) and ``token_mask`` (T,)."""
     if token_mask is not None:
@@ -46,9 +56,19 @@ def skipped_by_group(skipped: Tensor, groups: Tensor, num_groups: int) -> tuple[
     keep = groups >= 0  # (T,)
     per_tok = skipped[:, keep].sum(-1).T.double()  # (T', L)
     g = groups[keep]
-    num = torch.zeros(num_groups, num_layers, dtype=torch.float64).index_add_(0, g, per_tok)
-    den = torch.zeros(num_groups, num_layers, dtype=torch.float64).index_add_(0, g, torch.full_like(per_tok, k))
+    num = per_tok.new_zeros(num_groups, num_layers).index_add_(0, g, per_tok)
+    den = per_tok.new_zeros(num_groups, num_layers).index_add_(0, g, torch.full_like(per_tok, k))
     return num, den
+
+
+def slot_counts(records: dict[int, RouterOutput], attention_mask: Tensor, seq_group: Tensor | None = None,
+                num_groups: int = 1) -> tuple[Tensor, Tensor]:
+    """Skipped and all (token, slot) pairs per (group, layer) of one forward: two ``(G, L)`` tensors, layers in
+    ascending order. ``attention_mask`` (B, S) picks the valid tokens; ``seq_group`` (B,) a group per sequence
+    (a domain; < 0 = none), or one group for all."""
+    valid = attention_mask.reshape(attention_mask.shape[0], -1).bool()  # (B, S)
+    groups = torch.zeros_like(valid, dtype=torch.long) if seq_group is None else seq_group.long()[:, None].expand_as(valid)
+    return skipped_by_group(stacked_skips(records), groups.masked_fill(~valid, -1).reshape(-1), num_groups)
 
 
 @dataclass

@@ -12,24 +12,36 @@ captured router logits (exact, no forward per step), and every layer spends the 
 which keeps the saving predictable per layer (pipeline stages, latency). ``mode="global"`` keeps the trained
 allocation across layers (one shared bias, a forward per bisection step); ``bench/budget.py`` compares both.
 
-The biases are recorded in ``model.config.zeda_budget`` so an export reloads with its budget (``from_pretrained``).
+The biases are the routers' ``zero_logit_bias`` buffers, so an export carries its budget in its weights
+(``from_pretrained`` restores it); ``model.config.zeda_budget`` (``config.json``) keeps a readable record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
 from zeda_lightning.adapters import CONFIG_KEY
-from zeda_lightning.routing import capture_routing
+from zeda_lightning.analysis import zero_ratio
+from zeda_lightning.data.files import load_rows
+from zeda_lightning.export import (  # noqa: F401  (BUDGET_KEY: re-exported, the record's key)
+    BUDGET_KEY,
+    check_export_target,
+    check_model_dir,
+    export_model,
+    from_pretrained,
+    record_budget,
+)
+from zeda_lightning.routing import RouterOutput, capture_routing
+from zeda_lightning.routing.base import BUDGET, iter_routers, supports
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter
-
-#: key of the recorded budget in ``model.config`` (and so in ``config.json``)
-BUDGET_KEY = "zeda_budget"
+from zeda_lightning.solve import bisect_monotone
 
 Mode = Literal["per_layer", "global"]
 
@@ -42,9 +54,15 @@ def check_target(target: float) -> float:
 
 
 def zero_routers(model: nn.Module) -> list[ZeroExpertRouter]:
-    """The model's zero-expert routers in layer order; a clear error if there are none to steer."""
-    routers = sorted((m for m in model.modules() if isinstance(m, ZeroExpertRouter)), key=lambda r: r.layer_idx)
+    """The model's routers that take the zero-logit budget (:data:`~zeda_lightning.routing.base.BUDGET`), in layer
+    order; a clear error if there are none to steer (a routing whose selection ignores the bias, like LongCat's
+    controller or MoE++, would make calibration bisect a knob that does nothing)."""
+    routers = sorted((m for m in iter_routers(model) if supports(m, BUDGET)), key=lambda r: r.layer_idx)
     routing = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    others = sorted({type(m).__name__ for m in iter_routers(model)} - {type(r).__name__ for r in routers})
+    if others:
+        raise ValueError(f"the model's routers {others} do not take the zero-logit budget (their selection ignores "
+                         f"it; config {CONFIG_KEY}={routing!r}); calibrate a ZeroExperts student")
     if not routers:
         raise ValueError(
             f"the model has no zero-expert routers (config {CONFIG_KEY}={routing!r}); the budget knob needs a "
@@ -68,88 +86,51 @@ def set_zero_logit_bias(model: nn.Module, bias: float | Sequence[float], record:
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"zero-logit biases must be finite, got {values}")
     for r, v in zip(routers, values):
-        r.zero_logit_bias = v
-    entry = dict(record or {})
-    entry.update(layers=[r.layer_idx for r in routers], zero_logit_bias=values)
-    setattr(model.config, BUDGET_KEY, entry)
-
-
-def sync_budget_config(model: nn.Module) -> None:
-    """Make ``config.zeda_budget`` say what the routers do (an export then reloads to the same model)."""
-    routers = [m for m in model.modules() if isinstance(m, ZeroExpertRouter)]
-    recorded = getattr(model.config, BUDGET_KEY, None)
-    live = [float(r.zero_logit_bias) for r in sorted(routers, key=lambda r: r.layer_idx)]
-    if recorded is None and not any(live):
-        return
-    if recorded is not None and recorded.get("zero_logit_bias") == live:
-        return
-    # the calibration record (target, ratios) no longer describes these biases: keep only what is true
-    set_zero_logit_bias(model, live, {"source": "set on the routers, not calibrated"})
-
-
-def apply_budget_config(model: nn.Module, where: str = "config") -> None:
-    """Set the routers' biases from ``config.zeda_budget`` (called by ``from_pretrained``); errors name the field."""
-    entry = getattr(model.config, BUDGET_KEY, None)
-    if entry is None:
-        return
-    if not isinstance(entry, dict) or not isinstance(entry.get("zero_logit_bias"), list):
-        raise ValueError(f"{where}: {BUDGET_KEY} must be a dict with a 'zero_logit_bias' list, got {entry!r}")
-    routers = zero_routers(model)
-    layers = entry.get("layers", [r.layer_idx for r in routers])
-    if list(layers) != [r.layer_idx for r in routers]:
-        raise ValueError(f"{where}: {BUDGET_KEY}.layers {layers} do not match the model's zero-expert layers "
-                         f"{[r.layer_idx for r in routers]}; recalibrate with `python -m zeda_lightning budget`")
-    set_zero_logit_bias(model, entry["zero_logit_bias"], entry)
+        r.zero_logit_bias = v  # into the float32 buffer: the record below says what it holds
+    record_budget(model, record)
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------
-def _forward_routing(model: nn.Module, input_ids: Tensor, batch_size: int) -> dict[int, list]:
-    """Router outputs of every layer over ``input_ids`` (B, S), in chunks of ``batch_size`` sequences."""
-    records: dict[int, list] = {}
+def _concat(outs: list[RouterOutput]) -> RouterOutput:
+    """One layer's router outputs of several forwards as one, tokens concatenated."""
+    first = outs[0]
+    return dataclasses.replace(first, **{
+        f.name: torch.cat([getattr(o, f.name) for o in outs])
+        for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), Tensor)
+    })
+
+
+def _forward_routing(model: nn.Module, input_ids: Tensor, batch_size: int) -> dict[int, RouterOutput]:
+    """Routing records (``{layer: RouterOutput}``) of every layer over ``input_ids`` (B, S), run in chunks of
+    ``batch_size`` sequences."""
+    chunks: dict[int, list[RouterOutput]] = {}
     with torch.no_grad():
         for start in range(0, input_ids.shape[0], batch_size):
             with capture_routing(model) as rec:
                 model(input_ids[start : start + batch_size].to(model.device), use_cache=False)
             for layer, out in rec.items():
-                records.setdefault(layer, []).append(out)
-    return records
+                chunks.setdefault(layer, []).append(out)
+    return {layer: _concat(outs) for layer, outs in chunks.items()}
 
 
 def measure_zero_ratio(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> dict[str, Any]:
     """Realised zero-slot share over ``input_ids`` (B, S) with no padding: overall and per layer."""
     records = _forward_routing(model, input_ids, batch_size)
-    per_layer = {
-        layer: torch.cat([o.skipped.flatten() for o in outs]).float().mean().item() for layer, outs in records.items()
-    }
-    return {"zero_ratio": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
+    per_layer = {layer: zero_ratio([out]).item() for layer, out in records.items()}
+    return {"zero_ratio": zero_ratio(records).item(), "per_layer": per_layer}
 
 
 # -- calibrating --------------------------------------------------------------------------------------------------
 def _solve(ratio_at: Callable[[float], float], target: float, iters: int) -> tuple[float, float]:
-    """Bias ``b`` whose ``ratio_at(b)`` is closest to ``target``, for a non-decreasing step function; returns
-    ``(b, ratio_at(b))``. Brackets by doubling, then bisects."""
-    lo, hi = -1.0, 1.0
-    r_lo, r_hi = ratio_at(lo), ratio_at(hi)
-    while r_lo > target and lo > -1e4:
-        lo *= 2
-        r_lo = ratio_at(lo)
-    while r_hi < target and hi < 1e4:
-        hi *= 2
-        r_hi = ratio_at(hi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        r_mid = ratio_at(mid)
-        if r_mid < target:
-            lo, r_lo = mid, r_mid
-        else:
-            hi, r_hi = mid, r_mid
-    return (lo, r_lo) if abs(r_lo - target) <= abs(r_hi - target) else (hi, r_hi)
+    """Bias ``b`` whose ``ratio_at(b)`` is closest to ``target`` (a non-decreasing step function of ``b``) and
+    ``ratio_at(b)``: the bracket [-1, 1] grows by doubling up to +/-1e4, then bisects."""
+    return bisect_monotone(ratio_at, target, -1.0, 1.0, iters=iters, grow_until=1e4)
 
 
-def _layer_ratio_fn(router: ZeroExpertRouter, outs: list) -> Callable[[float], float]:
+def _layer_ratio_fn(router: ZeroExpertRouter, out: RouterOutput) -> Callable[[float], float]:
     """Zero ratio of one layer as a function of its bias, from its captured (unbiased) router logits."""
     n = router.num_experts
-    logits = torch.cat([o.router_logits for o in outs])  # (T, N + N_Z), captured with this layer's bias at 0
+    logits = out.router_logits  # (T, N + N_Z), captured with this layer's bias at 0
 
     def ratio_at(b: float) -> float:
         # the same shift and selection rule as ZeroExpertRouter.route, so the ratio is exact for these inputs
@@ -187,14 +168,14 @@ def calibrate_zero_bias(
         if target >= reachable:
             raise ValueError(f"target {target} is unreachable: with N_Z={r.num_zero_experts} zero experts and "
                              f"K={r.top_k} slots at most {reachable:.3f} of the slots can be zero")
-    previous = [r.zero_logit_bias for r in routers]
+    previous = [float(r.zero_logit_bias) for r in routers]
     try:
         if mode == "per_layer":
             for r in routers:
                 r.zero_logit_bias = 0.0
             for i, r in enumerate(routers):  # layer i sees the final biases of layers < i
-                outs = _forward_routing(model, input_ids, batch_size)[r.layer_idx]
-                r.zero_logit_bias, _ = _solve(_layer_ratio_fn(r, outs), target, iters or 40)
+                out = _forward_routing(model, input_ids, batch_size)[r.layer_idx]
+                r.zero_logit_bias, _ = _solve(_layer_ratio_fn(r, out), target, iters or 40)
         else:
 
             def global_ratio(b: float) -> float:
@@ -216,7 +197,7 @@ def calibrate_zero_bias(
         "calibration_tokens": int(input_ids.numel()),
         "calibration_zero_ratio": round(realised["zero_ratio"], 6),
     }
-    set_zero_logit_bias(model, [r.zero_logit_bias for r in routers], record)
+    set_zero_logit_bias(model, [float(r.zero_logit_bias) for r in routers], record)
     return getattr(model.config, BUDGET_KEY)
 
 
@@ -226,8 +207,6 @@ def text_blocks(path: str, tokenizer, block_size: int = 256, max_blocks: int | N
     full blocks ``(B, block_size)``: no padding, so every routed token counts. With ``max_blocks``, the blocks are
     spread evenly over the whole file, not its first rows: the skip ratio differs a lot between domains (code /
     prose / maths), so a calibration sample must cover the file's mix."""
-    from zeda_lightning.data.module import load_rows
-
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     ds = load_rows(path)
@@ -276,15 +255,11 @@ def budget_main(
         heldout_blocks: sequences of the held-out file to measure on.
         overwrite: replace a non-empty ``out``.
     """
-    from transformers import AutoTokenizer
-
-    from zeda_lightning.export import _check_export_target, check_model_dir, export_model, from_pretrained
-
     check_target(target)
     if mode not in ("per_layer", "global"):
         raise ValueError(f"mode must be 'per_layer' or 'global', got {mode!r}")
     cfg = check_model_dir(model, require_routing=True, require_tokenizer=True)
-    _check_export_target(out, overwrite, protected=[model, calibration] + ([heldout] if heldout else []))
+    check_export_target(out, overwrite, protected=[model, calibration] + ([heldout] if heldout else []))
     tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     calib = text_blocks(calibration, tok, block_size, calibration_blocks)
     held = text_blocks(heldout, tok, block_size, heldout_blocks) if heldout else None
@@ -300,11 +275,3 @@ def budget_main(
         record["heldout_zero_ratio"] = summary["heldout_zero_ratio"]
     summary["out"] = export_model(lm, out, tok, overwrite=overwrite, protected=[model])
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    import json
-
-    from jsonargparse import auto_cli
-
-    print(json.dumps(auto_cli(budget_main, args=argv, as_positional=False)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -10,9 +11,11 @@ from zeda_lightning.routing.longcat_bias import LongCatBiasRouter
 
 
 class ZeroShareBiasController(L.Callback):
-    """LongCat-style controller: after every optimiser step, each ``LongCatBiasRouter`` moves its zero-expert
-    selection bias by ``update_rate * sign(target - realised share)`` (no aux loss). Logs ``train/zero_bias``
-    (mean bias over layers) and ``train/controller_zero_share``."""
+    """LongCat-style controller: at every optimiser step, each ``LongCatBiasRouter`` moves its zero-expert
+    selection bias by ``update_rate * sign(target - realised share)`` (no aux loss). The share is counted over every
+    micro-batch of the step on every process (the counts are summed across ranks, as torchtitan's aux-loss-free
+    balancing does), so all ranks keep the same bias. Logs ``train/zero_bias`` (mean bias over layers) and
+    ``train/controller_zero_share``."""
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -23,11 +26,12 @@ class ZeroShareBiasController(L.Callback):
             )
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # still accumulating: the optimiser has not stepped
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         routers = self._routers(pl_module)
-        shares = [s for s in (r.update_bias() for r in routers) if s is not None]
+        counts = torch.stack([r.take_counts() for r in routers])  # (L, 2): zero slots, all slots
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        shares = [r.apply_counts(skipped, slots) for r, (skipped, slots) in zip(routers, counts.tolist())]
+        shares = [s for s in shares if s is not None]
         if not shares:
             rank_zero_warn("ZeroShareBiasController: no training forward reached the LongCat routers this step "
                            "(are they in eval mode?); their bias is not updated")

@@ -14,13 +14,11 @@ truncated ``last.ckpt``. A distributed checkpoint is written into its directory 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,10 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint import FileSystemReader
 
-from zeda_lightning.fsio import fsync_path, umask
+from zeda_lightning.fsio import atomic_write, fsync_path
 
 _DCP_METADATA = ".metadata"
 _STAGING = ".{name}.zeda-staging"  # a distributed checkpoint being written
@@ -48,20 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = os.path.abspath(os.fspath(path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~umask())
-            fsync_replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True)
@@ -69,8 +57,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def make_checkpoints_atomic(trainer) -> None:
     """Make every checkpoint ``trainer`` writes atomic on its filesystem (see the module docstring)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         if not getattr(strategy.save_checkpoint, "_zeda_atomic", False):
@@ -154,8 +140,6 @@ def read_dcp_metadata(ckpt_dir: str):
 
 def safe_filesystem_reader(ckpt_dir: str):
     """A ``torch.distributed.checkpoint`` reader whose metadata read is the restricted one above."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     class _Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
             metadata = read_dcp_metadata(str(self.path))

@@ -5,8 +5,7 @@ Run: ``python -m zeda_lightning demo [--family qwen3_moe] [--routing zero_expert
 
 from __future__ import annotations
 
-import argparse
-import json
+from typing import Literal
 
 import torch
 
@@ -15,7 +14,18 @@ from zeda_lightning.routing import capture_routing, get_routing
 from zeda_lightning.tiny import FAMILIES, tiny_model
 
 
-def run(family: str = "qwen3_moe", routing: str = "zero_experts", zero_logit_bias: float = 0.0) -> dict:
+#: the tiny families, as a type: the command refuses another name before building anything
+Family = Literal[FAMILIES]
+
+
+def demo_main(family: Family = "qwen3_moe", routing: str = "zero_experts", zero_logit_bias: float = 0.0) -> dict:
+    """Inject a routing variant into a tiny random MoE: masked exactness and skipped expert slots.
+
+    Args:
+        family: tiny model family.
+        routing: registered routing variant name (e.g. zero_experts, null_experts, top_p).
+        zero_logit_bias: bias added to the zero-expert logits (more skipping when positive).
+    """
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     original = tiny_model(family)
     with torch.no_grad():
@@ -43,14 +53,4 @@ def run(family: str = "qwen3_moe", routing: str = "zero_experts", zero_logit_bia
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zeda_lightning demo", description=__doc__)
-    parser.add_argument("--family", default="qwen3_moe", choices=FAMILIES, help="tiny model family")
-    parser.add_argument("--routing", default="zero_experts", help="registered routing variant name")
-    parser.add_argument("--zero-logit-bias", type=float, default=0.0, help="bias on zero-expert logits")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.family, args.routing, args.zero_logit_bias), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["Family", "demo_main"]

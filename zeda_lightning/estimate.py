@@ -1,7 +1,8 @@
 """``python -m zeda_lightning estimate --config YAML``: parameters, trainable parameters and memory per GPU of a
 distillation config, for each trainable preset and each strategy, from the model's ``config.json`` alone.
 
-The student and the teacher are built on the meta device (no weight is allocated or read), the YAML's routing is
+The config is the one ``fit`` would run: read by fit's parser (the classes' signatures give the defaults, flags such
+as ``--data.init_args.batch_size 4`` override the YAML), never instantiated. The student and the teacher are built on the meta device (no weight is allocated or read), the YAML's routing is
 injected, and the memory per GPU is counted from the tensors' shapes:
 
     student parameters  P_s x storage bytes / W         (fp32 masters under bf16-mixed; bf16 under bf16-true)
@@ -20,17 +21,16 @@ activation checkpointing they are one layer's worth at a time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from zeda_lightning.adapters import adapter_for, inject
 from zeda_lightning.routing import BaseRouter, ZeroExperts, routing_from_config
+from zeda_lightning.sharding import build_empty, decoder_layers
 
 PRESETS = ("full", "router_only", "router_and_experts")
 STRATEGIES = ("fsdp2", "fsdp1", "ddp")
@@ -64,8 +64,6 @@ def _numel(model: nn.Module) -> int:
 
 def _units(model: nn.Module) -> list[list[str]]:
     """Parameter names per FSDP unit: one per decoder layer, the rest in the root."""
-    from zeda_lightning.sharding import decoder_layers
-
     layers = decoder_layers(model)
     prefix = {id(layer): None for layer in layers}
     names = {id(m): n for n, m in model.named_modules() if id(m) in prefix}
@@ -77,8 +75,6 @@ def _units(model: nn.Module) -> list[list[str]]:
 def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision: str, batch_size: int,
              seq_len: int, activation_checkpointing: bool, teacher_mode: str = "separate",
              presets=PRESETS, strategies=STRATEGIES) -> list[Estimate]:
-    from zeda_lightning.sharding import build_empty, decoder_layers
-
     student = build_empty(model_dir)
     teacher_params = _numel(student) if teacher_mode == "separate" else 0
     teacher_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(student))
@@ -117,27 +113,39 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
     return out
 
 
-def _from_yaml(path: str) -> dict:
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    return cfg
-
-
-def _model_dir(cfg: dict, config_path: str, given: str | None) -> str:
+def _model_dir(cfg: dict, config_path: str | None, given: str | None) -> str:
     """The directory whose ``config.json`` describes the model: ``--model_dir``, else the YAML's student/teacher if
     it holds a config.json, else ``assets/configs/<the YAML's folder name>`` (the shipped real-model configs)."""
     if given:
         return given
-    args = cfg.get("model", {}).get("init_args", {})
+    args = cfg["model"]["init_args"]
     for key in ("student", "teacher"):
         d = args.get(key)
         if d and os.path.isfile(os.path.join(d, "config.json")):
             return d
-    shipped = os.path.join("assets", "configs", os.path.basename(os.path.dirname(os.path.abspath(config_path))))
-    if os.path.isfile(os.path.join(shipped, "config.json")):
-        return shipped
-    raise ValueError(f"{config_path}: no config.json at model.init_args.teacher ({args.get('teacher')}) nor at "
-                     f"{shipped}; pass --model_dir DIR (any directory with the model's config.json)")
+    looked = f"model.init_args.teacher ({args.get('teacher')})"
+    if config_path is not None:
+        shipped = os.path.join("assets", "configs", os.path.basename(os.path.dirname(os.path.abspath(config_path))))
+        if os.path.isfile(os.path.join(shipped, "config.json")):
+            return shipped
+        looked += f" nor at {shipped}"
+    raise ValueError(f"{config_path or 'the config'}: no config.json at {looked}; pass --model_dir DIR (any directory "
+                     "with the model's config.json)")
+
+
+def _device_count(devices) -> int:
+    """GPUs per node from ``trainer.devices`` as Lightning reads it: a count (``8``, ``"8"``) or device indices
+    (``[0, 1]``, ``"0,1"``); ``"auto"`` and ``-1`` depend on the machine, so they are refused."""
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)) and devices:
+        return len(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    raise ValueError(f"estimate: trainer.devices is {devices!r}, not a count of GPUs; pass --devices N (GPUs per node) "
+                     "or set trainer.devices")
 
 
 def _routing(args: dict):
@@ -155,38 +163,42 @@ def _table(rows: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m zeda_lightning estimate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a distillation YAML (e.g. configs/qwen3_30b_a3b/sft.yaml)")
-    parser.add_argument("--model_dir", default=None, help="directory with the model's config.json (default: see above)")
-    parser.add_argument("--devices", type=int, default=None, help="GPUs per node (default: trainer.devices)")
-    parser.add_argument("--num_nodes", type=int, default=None, help="nodes (default: trainer.num_nodes or 1)")
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.config):
-        raise SystemExit(f"estimate: config file not found: {args.config}")
-    cfg = _from_yaml(args.config)
-    trainer, model_args = cfg.get("trainer", {}), cfg.get("model", {}).get("init_args", {})
-    data_args = cfg.get("data", {}).get("init_args", {})
-    devices = args.devices or trainer.get("devices", 1)
-    if not isinstance(devices, int) or devices < 1:
-        raise SystemExit(f"estimate: trainer.devices is {devices!r}; pass --devices N")
-    model_dir = _model_dir(cfg, args.config, args.model_dir)
-    batch, seq = data_args.get("batch_size", 1), data_args.get("max_length", 256)
+def estimate_main(config: dict[str, Any], model_dir: str | None = None, devices: int | None = None,
+                  num_nodes: int | None = None) -> dict:
+    """Parameters, trainable parameters and GiB per GPU of a distillation config, per preset and strategy.
+
+    Prints a table; returns the estimates. Nothing is instantiated and no weight is read: the model is built on the
+    meta device from its ``config.json``.
+
+    Args:
+        config: the config ``fit`` would run, resolved by fit's parser and not instantiated (``--config YAML`` and
+            overrides such as ``--data.init_args.batch_size 4``; ``config["config"]`` lists the YAML files).
+        model_dir: directory with the model's config.json (default: the YAML's student or teacher if it holds one,
+            else assets/configs/<the YAML's folder name>).
+        devices: GPUs per node (default: trainer.devices).
+        num_nodes: nodes (default: trainer.num_nodes).
+    """
+    files = [str(path) for path in config.get("config") or []]
+    source = files[0] if files else None
+    trainer, model_args, data_args = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
+    devices = devices or _device_count(trainer["devices"])
+    num_nodes = num_nodes or trainer["num_nodes"]
+    model_dir = _model_dir(config, source, model_dir)
+    precision = str(trainer["precision"] or "32-true")
+    batch, seq = data_args["batch_size"], data_args["max_length"]
     if "num_samples" in model_args or "max_new_tokens" in model_args:  # on-policy: rollouts of prompt + response
-        batch *= model_args.get("num_samples", 2)
-        seq += model_args.get("max_new_tokens", 64)
+        batch *= model_args.get("num_samples", 1)
+        seq += model_args.get("max_new_tokens", 0)
     with torch.device("cpu"):
         rows = estimate(
-            model_dir, _routing(model_args), devices=devices, num_nodes=args.num_nodes or trainer.get("num_nodes", 1),
-            precision=str(trainer.get("precision", "32-true")), batch_size=batch, seq_len=seq,
-            activation_checkpointing=model_args.get("activation_checkpointing", False),
+            model_dir, _routing(model_args), devices=devices, num_nodes=num_nodes, precision=precision,
+            batch_size=batch, seq_len=seq, activation_checkpointing=model_args.get("activation_checkpointing", False),
             teacher_mode=model_args.get("teacher_mode", "separate"),
         )
-    print(f"{args.config}: model {model_dir}, precision {trainer.get('precision', '32-true')}, {batch} sequences x "
-          f"{seq} tokens per GPU")
+    print(f"{source or 'config'}: model {model_dir}, precision {precision}, {batch} sequences x {seq} tokens per GPU")
     print(_table(rows))
-    print(json.dumps({"config": args.config, "model_dir": model_dir, "estimates": [asdict(r) for r in rows]}))
+    return {"config": source, "model_dir": model_dir, "batch_size": batch, "seq_len": seq,
+            "estimates": [asdict(r) for r in rows]}
 
 
-__all__ = ["Estimate", "estimate", "main"]
+__all__ = ["Estimate", "estimate", "estimate_main"]

@@ -10,27 +10,39 @@ directory is missing, by ``check_model_dir`` / ``from_pretrained``) puts it back
 leftovers, never anything without a marker. ``from_pretrained`` rebuilds the family's model plus the injected
 routers from ``config.zeda_routing`` with no remote code, and refuses pickle weight files and truncated
 safetensors files.
+
+The compute budget (the routers' zero-logit biases) travels in the weights, as each zero-expert router's
+``zero_logit_bias`` buffer; ``config.json``'s ``zeda_budget`` is a readable record of it, kept true on export. An
+export written before the biases were buffers is loaded with the biases its record gives (:func:`legacy_budget_state`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
+import math
 import os
 import shutil
 import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable
+import warnings
+from collections.abc import Container, Iterable
 
 import torch
-from torch import nn
+from safetensors import safe_open
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
-from zeda_lightning.adapters import CONFIG_KEY, inject
-from zeda_lightning.fsio import fsync_path, pid_alive, umask
+from zeda_lightning.adapters import CONFIG_KEY, inject, routing_state_keys
+from zeda_lightning.checkpoint_keys import CheckpointKeys
+from zeda_lightning.fsio import atomic_dir, fsync_path, pid_alive
 from zeda_lightning.routing import routing_from_config
+from zeda_lightning.routing.zero_experts import BUDGET_BUFFER, ZeroExpertRouter
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -58,6 +70,9 @@ def _marker_payload(fmt: str) -> dict:
 
 
 def _write_json(path: str, payload: dict) -> None:
+    # NOTE: a plain write, not fsio.atomic_write: the in-progress marker must exist from its first byte (an atomic
+    # write's temporary would leave, on a kill, a staging directory with no marker, which recover_export never
+    # deletes), and both markers are written inside the staging directory, which is itself swapped in atomically.
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
@@ -106,23 +121,6 @@ def _busy_elsewhere(path: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ file-system helpers
-
-
-def _finalise_tree(root: str) -> None:
-    """Give every directory ``0o777 & ~umask`` and every file ``0o666 & ~umask`` (``mkdtemp`` makes the directory
-    0700 and safetensors writes its file through a private 0600 temporary), and flush them to disk."""
-    mask = umask()
-    for dirpath, dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~mask)
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            os.chmod(path, 0o666 & ~mask)
-            fsync_path(path)
-        for name in dirnames:
-            fsync_path(os.path.join(dirpath, name))
-    fsync_path(root)
 
 
 def _remove_export(path: str) -> None:
@@ -302,6 +300,93 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, protected: 
 _check_export_target = check_export_target  # old private name, kept for existing callers
 
 
+# ------------------------------------------------------------------------------------------ the budget record
+
+#: key of the compute-budget record in ``model.config`` (so in ``config.json``): readable only, the biases
+#: themselves are the routers' ``zero_logit_bias`` buffers in the weights
+BUDGET_KEY = "zeda_budget"
+
+
+def budget_routers(model: nn.Module) -> dict[str, ZeroExpertRouter]:
+    """The model's zero-expert routers in layer order, by the state-dict key of their zero-logit bias buffer."""
+    found = [(f"{name}.{BUDGET_BUFFER}", m) for name, m in model.named_modules() if isinstance(m, ZeroExpertRouter)]
+    return dict(sorted(found, key=lambda item: item[1].layer_idx))
+
+
+def record_budget(model: nn.Module, extra: dict | None = None) -> dict:
+    """Write ``model.config.zeda_budget``: ``extra`` (e.g. the calibration's target and ratios) plus the layers and
+    the routers' live zero-logit biases; returns it."""
+    routers = list(budget_routers(model).values())
+    entry = dict(extra or {})
+    entry.update(layers=[r.layer_idx for r in routers], zero_logit_bias=[float(r.zero_logit_bias) for r in routers])
+    setattr(model.config, BUDGET_KEY, entry)
+    return entry
+
+
+def _as_stored(values) -> list[float] | None:
+    """A recorded bias list rounded as the float32 buffers hold it (``None`` if it is not a list of numbers)."""
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.float32).tolist()
+
+
+def sync_budget_config(model: nn.Module) -> None:
+    """Make ``config.zeda_budget`` say what the routers do (``export_model`` calls it, so ``config.json`` reads true):
+    a record of the same biases is kept (target, ratios), any other is replaced by the live biases."""
+    routers = list(budget_routers(model).values())
+    recorded = getattr(model.config, BUDGET_KEY, None)
+    live = [float(r.zero_logit_bias) for r in routers]
+    if recorded is None and not any(live):
+        return
+    if (isinstance(recorded, dict) and _as_stored(recorded.get("zero_logit_bias")) == live
+            and recorded.get("layers", [r.layer_idx for r in routers]) == [r.layer_idx for r in routers]):
+        record_budget(model, recorded)  # the same biases, written as the weights hold them
+        return
+    # the calibration record (target, ratios) no longer describes these biases: keep only what is true
+    record_budget(model, {"source": "set on the routers, not calibrated"})
+
+
+def _recorded_biases(model: nn.Module, where: str) -> list[float] | None:
+    """The biases ``config.zeda_budget`` records, checked against the model's zero-expert layers (errors name the
+    field); ``None`` without a record."""
+    entry = getattr(model.config, BUDGET_KEY, None)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("zero_logit_bias"), list):
+        raise ValueError(f"{where}: {BUDGET_KEY} must be a dict with a 'zero_logit_bias' list, got {entry!r}")
+    layers = [r.layer_idx for r in budget_routers(model).values()]
+    if list(entry.get("layers", layers)) != layers:
+        raise ValueError(f"{where}: {BUDGET_KEY}.layers {entry['layers']} do not match the model's zero-expert layers "
+                         f"{layers}; recalibrate with `python -m zeda_lightning budget`")
+    values = entry["zero_logit_bias"]
+    if len(values) != len(layers) or _as_stored(values) is None or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: {BUDGET_KEY}.zero_logit_bias must hold one finite number per zero-expert layer "
+                         f"({len(layers)}), got {values}")
+    return [float(v) for v in values]
+
+
+def legacy_budget_state(model: nn.Module, have: Container[str], where: str) -> dict[str, Tensor]:
+    """The zero-logit bias buffers of an export written before they were saved in the weights, as state-dict
+    entries: the biases its ``config.zeda_budget`` records (0 without a record). Empty when ``have`` (the
+    checkpoint's tensors, by model key) holds any of them: the weights say what the budget is then."""
+    keys = budget_routers(model)
+    if not keys or any(k in have for k in keys):
+        return {}
+    values = _recorded_biases(model, where) or [0.0] * len(keys)
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in zip(keys, values)}
+
+
+def check_budget_record(model: nn.Module, where: str) -> None:
+    """After a load: the record is checked like any config field, and made to say what the weights hold. A record
+    of other biases (``config.json`` edited by hand) loses to the weights, with a warning."""
+    recorded = _recorded_biases(model, where)
+    live = [float(r.zero_logit_bias) for r in budget_routers(model).values()]
+    if recorded is not None and _as_stored(recorded) != live:
+        warnings.warn(f"{where}: {BUDGET_KEY} records zero-logit biases {recorded} but the weights hold {live}; the "
+                      "weights' are used (the config field is a readable record only)", stacklevel=3)
+    sync_budget_config(model)
+
+
 # ---------------------------------------------------------------------------------------------------- export
 
 
@@ -310,55 +395,29 @@ def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: b
     """Write ``model`` (and ``tokenizer``) as a transformers directory at ``out_dir``, atomically; returns its
     absolute path.
 
-    A model with zero-expert routers gets its live zero-logit biases (the compute budget) into ``config.json``, so
-    the export reloads to the same model. ``overwrite`` replaces a previous zeda export only (see
-    ``check_export_target``, which also refuses ``out_dir`` if it is or contains a path in ``protected``).
+    The compute budget of zero-expert routers is in the weights (their ``zero_logit_bias`` buffers), so the export
+    reloads to the same model; ``config.json`` records it (``zeda_budget``, synced to the live biases).
+    ``overwrite`` replaces a previous zeda export only (see ``check_export_target``, which also refuses ``out_dir``
+    if it is or contains a path in ``protected``).
     """
-    from zeda_lightning.budget import sync_budget_config
-
     out_dir = _norm(out_dir)
     recover_export(out_dir)
     protected = tuple(protected)
     check_export_target(out_dir, overwrite, protected)
     sync_budget_config(model)
-    parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    # fsio.atomic_dir stages in .<name>.tmp-* and swaps: a non-empty out_dir moves aside (still marked) to
+    # .<name>.old-* before the new export moves in, so at every instant either out_dir or a marked .old-* that
+    # recover_export restores exists; what this module created is removed marker first (_remove_export)
+    def recheck() -> None:  # again, just before the swap: training or saving took a while
+        check_export_target(out_dir, overwrite, protected)
+
+    with atomic_dir(out_dir, remove=_remove_export, before_swap=recheck) as tmp:
         _write_json(os.path.join(tmp, INCOMPLETE_MARKER), _marker_payload(_INCOMPLETE_FORMAT))
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_json(os.path.join(tmp, EXPORT_MARKER), _marker_payload(EXPORT_FORMAT))
         os.unlink(os.path.join(tmp, INCOMPLETE_MARKER))
-        _finalise_tree(tmp)
-        check_export_target(out_dir, overwrite, protected)  # again: training or saving took a while
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
-            # the old export moves aside, still marked, then the new one moves in: at every instant either
-            # out_dir or a marked .old-* that recover_export restores exists
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            fsync_path(parent)
-            try:
-                _remove_export(old)
-            except OSError:
-                pass  # a marked leftover: the next export_model / recover_export removes it
-        else:
-            os.replace(tmp, out_dir)  # over nothing, or over an empty directory
-            fsync_path(parent)
-    except BaseException:
-        try:
-            if os.path.isdir(tmp):
-                _remove_export(tmp)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -454,49 +513,28 @@ def check_model_dir(path: str, *, require_routing: bool = False, require_tokeniz
     return cfg
 
 
-def _checkpoint_key_renamer(model: nn.Module):
-    """Checkpoint key -> module key with transformers' own renamings for the family (e.g. Mixtral saves
-    ``block_sparse_moe.gate`` for the module ``mlp.gate``); identity where transformers has none."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # older/newer layout: keys are saved as the modules name them
-        return lambda key: key
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    return lambda key: rename_source_key(key, renamings, converters)[0]
-
-
 def _load_tensors(path: str, keys: list[str], model: nn.Module) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    rename = _checkpoint_key_renamer(model)
-    wanted, found = set(keys), {}
-    for shard in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        with safe_open(shard, framework="pt") as f:
-            for saved in f.keys():
-                key = saved if saved in wanted else rename(saved)
-                if key in wanted:
-                    found[key] = f.get_tensor(saved)
-    return found
+    """The tensors of ``keys`` (model names) from ``path``'s safetensors files, found through transformers' key
+    conversion for the family (``CheckpointKeys``: e.g. Mixtral saves ``block_sparse_moe.gate`` for ``mlp.gate``)."""
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt"))
+                   for f in sorted(glob.glob(os.path.join(path, "*.safetensors")))]
+        where = {saved: h for h in handles for saved in h.keys()}
+        plan = CheckpointKeys(model, where)
+        return {key: plan.read(key, lambda saved, start, stop: where[saved].get_tensor(saved))
+                for key in keys if key in plan}
 
 
 def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32, require_routing: bool = False) -> nn.Module:
-    """Load a causal LM from ``path``; a model saved with injected routing comes back with the same routers (and
-    the compute budget recorded in ``config.zeda_budget``), with no remote code and no pickle files.
+    """Load a causal LM from ``path``; a model saved with injected routing comes back with the same routers and
+    compute budget (their zero-logit bias buffers), with no remote code and no pickle files.
 
     transformers loads everything it knows (with its own checkpoint conversions, e.g. per-expert weights fused into
-    3D tensors); the grown or added router tensors are then read from the safetensors files by key.
+    3D tensors); the grown or added router tensors are then read from the safetensors files by key. An export
+    written before the biases were saved in the weights gets those its ``config.zeda_budget`` records.
     ``require_routing``: refuse a plain model (no ``zeda_routing`` in its config). A missing ``path`` left by an
     overwrite killed between its renames is recovered first (``check_model_dir``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from zeda_lightning.adapters import routing_state_keys
-    from zeda_lightning.budget import apply_budget_config
-
     cfg = check_model_dir(path, require_routing=require_routing)
     if CONFIG_KEY not in cfg:
         return AutoModelForCausalLM.from_pretrained(
@@ -515,11 +553,13 @@ def from_pretrained(path: str, *, dtype: torch.dtype | None = torch.float32, req
     finally:
         hf_logging.set_verbosity(verbosity)
     inject(model, routing, init=False)
+    where = os.path.join(path, "config.json")
     keys = routing_state_keys(model)
     state = _load_tensors(path, keys, model)
+    state.update(legacy_budget_state(model, state, where))
     missing = sorted(set(keys) - set(state))
     if missing:
         raise ValueError(f"{path}: routing config {routing} needs tensors missing from the checkpoint: {missing[:5]}")
     model.load_state_dict(state, strict=False)
-    apply_budget_config(model, where=os.path.join(path, "config.json"))
+    check_budget_record(model, where)
     return model.eval()

@@ -15,30 +15,38 @@ from a Lightning distributed checkpoint).
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import json
 import os
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from safetensors import safe_open
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from zeda_lightning.adapters import CONFIG_KEY, adapter_for, inject
+from zeda_lightning.adapters import CONFIG_KEY, adapter_for, inject, routing_state_keys
+from zeda_lightning.checkpoint_keys import CheckpointKeys
+from zeda_lightning.checkpointing import checkpoint_meta, read_dcp_metadata, safe_filesystem_reader
+from zeda_lightning.export import (
+    budget_routers,
+    check_budget_record,
+    check_export_target,
+    export_model,
+    legacy_budget_state,
+)
 from zeda_lightning.routing import RoutingVariant, routing_from_config
-
-#: per-expert checkpoint tensors stacked into transformers 5's fused expert parameters:
-#: fused suffix -> per-expert names concatenated along dim 0 (transformers' own MergeModulelist + Concatenate)
-_FUSED_EXPERTS = {
-    "experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
-    "experts.down_proj": ("down_proj.weight",),
-}
 
 
 # -- which strategy -------------------------------------------------------------------------------------------
 def strategy_kind(trainer) -> str | None:
     """``"fsdp2"`` (ModelParallelStrategy), ``"fsdp1"`` (FSDPStrategy) or ``None`` (one full copy per process)."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
     strategy = getattr(trainer, "strategy", None)
     if isinstance(strategy, ModelParallelStrategy):
         return "fsdp2"
@@ -52,8 +60,6 @@ def check_strategy(trainer, micro_batch: int | None, global_batch: int | None) -
 
     Returns the gradient-accumulation factor that makes ``global_batch`` (1 when it is not set).
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     strategy = trainer.strategy
     world = int(getattr(strategy, "num_nodes", 1) or 1) * max(int(getattr(strategy, "num_processes", 1) or 1), 1)
     if isinstance(strategy, ModelParallelStrategy):
@@ -121,14 +127,10 @@ def params_on_meta():
 
 
 def _config(path_or_config):
-    from transformers import AutoConfig
-
     config = (AutoConfig.from_pretrained(path_or_config, trust_remote_code=False) if isinstance(path_or_config, str)
               else path_or_config)
     saved = getattr(config, CONFIG_KEY, None)
     if saved is not None:
-        import copy
-
         config = copy.deepcopy(config)
         delattr(config, CONFIG_KEY)
     return config, saved
@@ -139,13 +141,14 @@ def build_empty(path_or_config, routing: RoutingVariant | None = None, reader: "
 
     A saved zeda model comes back with its routers (rows to be filled from the checkpoint). ``routing`` on an
     original model injects it with the same row init as the unsharded path, which needs the original router rows:
-    they are read from ``reader`` (a few MB per layer) and the grown routers are real tensors on return.
+    they are read from ``reader`` (a few MB per layer) and the grown routers are real tensors on return. A given
+    ``reader`` reads this model's tensor names from then on (:meth:`SafetensorsReader.attach`).
     """
-    from transformers import AutoModelForCausalLM
-
     config, saved = _config(path_or_config)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if reader is not None:
+        reader.attach(model)
     if saved is not None:
         inject(model, routing_from_config(saved, where="config.json zeda_routing"), init=False)
     elif routing is not None:
@@ -167,33 +170,50 @@ def build_empty(path_or_config, routing: RoutingVariant | None = None, reader: "
 class SafetensorsReader:
     """Rows ``[start, stop)`` of any tensor of a transformers safetensors checkpoint, read without loading the rest.
 
-    Per-expert tensors (``experts.{e}.gate_proj.weight``...) are stacked on the fly into transformers 5's fused
-    3-D parameters, so original hub checkpoints and this package's exports read alike.
+    Once attached to the model it fills (:meth:`attach`, which ``build_empty`` does), tensors are named as the model
+    names them: checkpoint keys go through transformers' own conversion mapping for the family
+    (:class:`~zeda_lightning.checkpoint_keys.CheckpointKeys`), so per-expert tensors (Qwen's
+    ``experts.{e}.gate_proj``..., Mixtral's ``block_sparse_moe.experts.{e}.w1/w2/w3``) are stacked on the fly into
+    transformers 5's fused 3-D parameters, reading only the experts of the requested rows. Original hub checkpoints
+    and this package's exports read alike.
     """
 
     def __init__(self, path: str) -> None:
-        from safetensors import safe_open
-
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise ValueError(f"{path} has no *.safetensors weight files")
         self.path = path
         self._handles = {f: safe_open(f, framework="pt") for f in files}
         self._where = {key: f for f, h in self._handles.items() for key in h.keys()}
+        self._keys: CheckpointKeys | None = None
+
+    def attach(self, model: nn.Module) -> SafetensorsReader:
+        """Read tensors by ``model``'s names from now on (its family's key conversion); the first model wins."""
+        if self._keys is None:
+            self._keys = CheckpointKeys(model, self._where)
+        return self
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._keys if self._keys is not None else key in self._where
 
-    def _slice(self, key: str, start: int, stop: int) -> Tensor:
+    def _read(self, key: str, start: int | None, stop: int | None) -> Tensor:
+        """Rows ``start:stop`` of the checkpoint tensor ``key`` (all of it when ``start`` is None, or 0-d)."""
         s = self._handles[self._where[key]].get_slice(key)
-        return s[start:stop] if s.get_shape() else s[:]
+        if not s.get_shape():
+            return self._handles[self._where[key]].get_tensor(key)
+        return s[:] if start is None else s[start:stop]
 
     def rows(self, key: str, start: int, stop: int, shape: torch.Size) -> Tensor:
         """Rows ``start:stop`` of ``key`` (dim 0), checked against the expected local ``shape``."""
-        if key in self._where:
-            t = self._slice(key, start, stop)
+        if self._keys is not None and key in self._keys:
+            t = self._keys.read(key, self._read, start, stop)
+        elif self._keys is None and key in self._where:
+            t = self._read(key, start, stop)
         else:
-            t = self._fused(key, start, stop)
+            raise ValueError(
+                f"{self.path}: no tensor {key} in the checkpoint, nor the checkpoint tensors transformers' conversion "
+                "mapping for this family makes it from; the checkpoint does not belong to this config"
+            )
         if tuple(t.shape) != tuple(shape):
             raise ValueError(
                 f"{self.path}: tensor {key} rows {start}:{stop} have shape {tuple(t.shape)}, the model expects "
@@ -201,27 +221,9 @@ class SafetensorsReader:
             )
         return t
 
-    def _fused(self, key: str, start: int, stop: int) -> Tensor:
-        for suffix, parts in _FUSED_EXPERTS.items():
-            if key.endswith(suffix):
-                base = key[: -len(suffix)] + "experts."
-                names = [[f"{base}{e}.{p}" for p in parts] for e in range(start, stop)]
-                missing = [n for group in names for n in group if n not in self._where]
-                if not missing:
-                    return torch.stack([torch.cat([self._slice(n, 0, None) for n in group]) for group in names])
-                break
-        raise ValueError(
-            f"{self.path}: no tensor {key} (nor its per-expert parts experts.{{e}}.gate_proj/up_proj/down_proj) in the "
-            "checkpoint. The sharded loader reads module names as they are, and the per-expert names of the Qwen, "
-            "GLM and DeepSeek families; a family whose checkpoint keys transformers renames on load (Mixtral's "
-            "block_sparse_moe.experts.{e}.w1/w2/w3) is not read shard by shard yet: train it without FSDP"
-        )
-
 
 def _local_rows(t: Tensor) -> tuple[Tensor, int, int]:
     """``(local tensor to write into, start, stop)`` of ``t`` along dim 0 (the whole tensor unless sharded)."""
-    from torch.distributed.tensor import DTensor, Shard
-
     if not isinstance(t, DTensor):
         return t, 0, t.shape[0] if t.dim() else 0
     if len(t.placements) != 1 or t.placements[0] != Shard(0):
@@ -266,8 +268,6 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> None:
 def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, activation_checkpointing: bool = False,
           reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root (embeddings, final norm, head), with FSDP2."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     layers = decoder_layers(model)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -298,9 +298,10 @@ def load_sharded(path: str, mesh, *, routing: RoutingVariant | None = None, dtyp
     """Build ``path``'s model (``routing`` injected unless it is a zeda export) sharded over ``mesh``.
 
     ``configure(model)`` runs on the meta model before sharding (e.g. ``requires_grad`` per trainable preset).
+    A zeda export's compute budget comes from its weights (the routers' ``zero_logit_bias`` buffers), or, for an
+    export written before they were saved there, from its ``config.zeda_budget`` record, as ``from_pretrained`` does.
     """
-    from zeda_lightning.adapters import routing_state_keys
-
+    where = os.path.join(path, "config.json")
     reader = SafetensorsReader(path)
     fresh = routing is not None and CONFIG_KEY not in read_config(path)
     model = build_empty(path, routing=routing if fresh else None, reader=reader)
@@ -308,20 +309,21 @@ def load_sharded(path: str, mesh, *, routing: RoutingVariant | None = None, dtyp
     keep = {n: b.detach().clone() for n, b in model.named_buffers() if n not in state}  # non-persistent
     if fresh:  # grown routers: computed here from the original rows, exactly as the unsharded path does
         keep.update({k: state[k].detach().clone() for k in routing_state_keys(model)})
+    else:
+        keep.update(legacy_budget_state(model, reader, where))
     cast_params(model, dtype)
     if configure is not None:
         configure(model)
     shard(model, mesh, compute_dtype=compute_dtype, activation_checkpointing=activation_checkpointing)
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device(mesh.device_type)
     fill(model, reader, device, keep)
+    check_budget_record(model, where)
     return model
 
 
 @contextlib.contextmanager
 def gathered(model: nn.Module):
     """Every FSDP2 unit of ``model`` unsharded inside the block (collective: all ranks enter it)."""
-    from torch.distributed.fsdp import FSDPModule
-
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()
@@ -333,8 +335,6 @@ def gathered(model: nn.Module):
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -354,8 +354,6 @@ def _assemble(config, state: dict[str, Tensor]) -> nn.Module:
 
 def gather_for_export(model: nn.Module, rank: int) -> nn.Module | None:
     """Collective: the full model on CPU on rank 0 (``None`` on the others), ready for ``export_model``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return _assemble(model.config, state) if rank == 0 else None
 
@@ -363,8 +361,6 @@ def gather_for_export(model: nn.Module, rank: int) -> nn.Module | None:
 def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
     """Hyperparameters stored in a Lightning checkpoint (a file, or a distributed checkpoint directory), read with
     ``weights_only=True`` (and the distributed metadata with the restricted unpickler): plain data, never calls."""
-    from zeda_lightning.checkpointing import checkpoint_meta
-
     hp = checkpoint_meta(ckpt_path).get("hyper_parameters", {})
     return dict(hp) if isinstance(hp, dict) else {}
 
@@ -373,14 +369,9 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     """Turn the student of a sharded (distributed) Lightning checkpoint into a transformers directory.
 
     Runs in one process without a process group: the student is rebuilt from the checkpoint's hyperparameters on
-    the meta device, materialised on CPU and filled by ``torch.distributed.checkpoint``; written atomically.
+    the meta device, materialised on CPU and filled by ``torch.distributed.checkpoint``; written atomically. A
+    checkpoint written before the routers' zero-logit bias was a buffer leaves it at 0 (its value in training).
     """
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoTokenizer
-
-    from zeda_lightning.checkpointing import safe_filesystem_reader
-    from zeda_lightning.export import _check_export_target, export_model
-
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir} is not a distributed checkpoint directory (a single-file checkpoint holds "
                          "the full state already: load it with torch.load)")
@@ -388,7 +379,7 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     source = hp.get("student") or hp.get("teacher")
     if not isinstance(source, str) or not isinstance(hp.get("routing"), dict):
         raise ValueError(f"{ckpt_dir}: no student/teacher/routing hyperparameters; it is not a ZedaDistillModule run")
-    _check_export_target(out_dir, overwrite, protected=[ckpt_dir, source])
+    check_export_target(out_dir, overwrite, protected=[ckpt_dir, source])
     routing = routing_from_config(hp["routing"], where=f"{ckpt_dir} hyperparameters")
     config, _ = _config(source)
     model = build_empty(config)
@@ -397,6 +388,11 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     keep = {n: b.clone() for n, b in model.named_buffers() if n not in persistent}  # rotary tables: in no checkpoint
     model.to_empty(device="cpu")
     state = {f"student.{k}": v for k, v in model.state_dict().items()}
+    saved = read_dcp_metadata(ckpt_dir).state_dict_metadata
+    for key in budget_routers(model):  # a checkpoint from before the bias was a buffer: 0, as in training
+        if f"state_dict.student.{key}" not in saved:
+            del state[f"student.{key}"]
+            keep[key] = torch.zeros((), dtype=torch.float32)
     dcp.load({"state_dict": state}, storage_reader=safe_filesystem_reader(ckpt_dir), no_dist=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
@@ -413,13 +409,14 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m zeda_lightning consolidate --ckpt DIR --out DIR [--overwrite]``."""
-    import argparse
+def consolidate_main(ckpt: str, out: str, overwrite: bool = False) -> str:
+    """Turn the student of a sharded (distributed) checkpoint into a transformers directory.
 
-    parser = argparse.ArgumentParser(prog="python -m zeda_lightning consolidate", description=consolidate.__doc__)
-    parser.add_argument("--ckpt", required=True, help="distributed checkpoint directory (e.g. runs/x/checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="transformers directory to write the student to")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
-    print(consolidate(args.ckpt, args.out, overwrite=args.overwrite))
+    Returns the directory's path.
+
+    Args:
+        ckpt: distributed checkpoint directory (e.g. runs/x/checkpoints/last.ckpt).
+        out: transformers directory to write the student to.
+        overwrite: replace a non-empty ``out``.
+    """
+    return consolidate(ckpt, out, overwrite=overwrite)

@@ -244,3 +244,21 @@ def test_unknown_class_path(tmp_path, tiny_teacher, tiny_data, capsys):
 def test_shared_weights_needs_router_only(tiny_teacher):
     with pytest.raises(ValueError, match="shared_weights' needs trainable='router_only'"):
         ZedaDistillModule(teacher=tiny_teacher, teacher_mode="shared_weights", trainable="full")
+
+
+def test_a_checkpoint_from_before_the_budget_buffer_resumes(tmp_path, tiny_teacher, tiny_data):
+    """Checkpoints written before the compute budget became a router buffer lack ``*.zero_logit_bias``: they
+    resume, the bias starting at 0 (the value it always had in training)."""
+    config, root = make_config(tmp_path, tiny_teacher, tiny_data, steps=2, objective="forward_kl")
+    cli_main(["fit", "--config", config])
+    ckpt = torch.load(root / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    dropped = [k for k in ckpt["state_dict"] if k.endswith(".zero_logit_bias")]
+    assert dropped
+    for key in dropped:
+        del ckpt["state_dict"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    cli = cli_main(["fit", "--config", config, "--trainer.max_steps", "4", "--model.init_args.export_overwrite", "true",
+                    "--ckpt_path", str(old)])
+    assert cli.trainer.global_step == 4
+    assert all(float(r.zero_logit_bias) == 0.0 for r in cli.model.student.modules() if hasattr(r, "zero_logit_bias"))

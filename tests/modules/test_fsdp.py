@@ -267,6 +267,7 @@ def _presets_under_fsdp2(rank, world, port, out):
         from torch.distributed.tensor import DTensor
 
         from zeda_lightning.modules import ZedaDistillModule
+        from zeda_lightning.modules.builders import build_fsdp2
         from zeda_lightning.routing import BaseRouter, ZeroExperts
 
         mesh = init_device_mesh("cpu", (world,))
@@ -277,7 +278,7 @@ def _presets_under_fsdp2(rank, world, port, out):
                              ("router_only", "shared_weights")]:
             module = ZedaDistillModule(teacher=TEACHER, routing=ZeroExperts(seed=0), objective="forward_kl",
                                        trainable=preset, teacher_mode=mode)
-            module._configure_fsdp2(mesh, torch.float32, None)
+            module.use_models(build_fsdp2(module.spec, mesh, torch.float32, None))
             params = dict(module.named_parameters())
             trainable = {n for n, p in params.items() if p.requires_grad}
             router_names = {n for n, m in module.student.named_modules() if isinstance(m, BaseRouter)}

@@ -211,7 +211,7 @@ def test_rollout_reuse_samples_every_n_steps_and_moves_the_ratio(tiny_teacher, t
     step, rollout = module._rollouts[0]  # the step-4 rollout, after its two updates
     assert step == 4
     p = rollout["prompt_len"]
-    logits, _ = module._forward_student(rollout)
+    logits, _ = module.rollout_forward(rollout)
     from zeda_lightning.losses import sequence_logprobs
 
     logp = sequence_logprobs(logits[:, p - 1 : -1], rollout["input_ids"][:, p:])

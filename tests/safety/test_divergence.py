@@ -71,7 +71,7 @@ def test_kl_and_metrics_propagate_nan(tiny_teacher):
 
     module = ZedaDistillModule(teacher=tiny_teacher)
     module.configure_model()
-    metric = module.val_metrics["kl_to_teacher"]
+    metric = module.eval_metrics["kl_to_teacher"]
     metric.update(torch.tensor(float("nan")), 3)
     metric.update(torch.tensor(0.5), 3)
     assert torch.isnan(metric.compute())  # torchmetrics' default drops NaN with a warning

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from zeda_lightning import generate as G
+import zeda_lightning.generate as G
+import zeda_lightning.sampling as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEACHER = os.path.join(ROOT, "assets", "tiny_teacher")
@@ -29,13 +30,14 @@ def no_model_load(monkeypatch):
     def refuse(model):
         raise AssertionError(f"the model was loaded ({model}) before the arguments were checked")
 
-    monkeypatch.setattr(G, "load_for_generation", refuse)
+    monkeypatch.setattr(S, "load_for_generation", refuse)  # generate_text's
+    monkeypatch.setattr(G, "load_for_generation", refuse)  # the generate command's
 
 
 @pytest.mark.parametrize("name, value, says", BAD)
 def test_generate_text_refuses_bad_sampling_settings_before_loading(no_model_load, name, value, says):
     with pytest.raises(ValueError, match=says):
-        G.generate_text(TEACHER, "def f(x):", **{name: value})
+        S.generate_text(TEACHER, "def f(x):", **{name: value})
 
 
 @pytest.mark.parametrize("name, value, says", BAD + [
@@ -54,9 +56,9 @@ def test_generate_responses_refuses_bad_sampling_settings_before_loading(no_mode
 
 
 def test_valid_edge_values_are_accepted(no_model_load):
-    G.check_sampling(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, num_samples=1, batch_size=1)
+    S.check_sampling(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, num_samples=1, batch_size=1)
     with pytest.raises(AssertionError, match="the model was loaded"):  # past the checks: it goes on to load
-        G.generate_text(TEACHER, "x", temperature=0, top_p=1.0, top_k=0, max_new_tokens=1)
+        S.generate_text(TEACHER, "x", temperature=0, top_p=1.0, top_k=0, max_new_tokens=1)
 
 
 @pytest.mark.parametrize("flag, says", [("--temperature=-1", "temperature must be >= 0 (0 = greedy), got -1.0"),
@@ -73,5 +75,5 @@ def test_cli_generate_bad_setting_exits_2_in_one_line_before_loading(tmp_path, f
 
 
 def test_tokenizer_is_loaded_without_remote_code(tokenizer_loads):
-    _, tok = G.load_for_generation(TEACHER)
+    _, tok = S.load_for_generation(TEACHER)
     assert tokenizer_loads == [False] and tok.padding_side == "left"

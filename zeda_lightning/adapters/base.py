@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from zeda_lightning.adapters.scoring import RouterScoring
+from zeda_lightning.routing.scoring import RouterScoring
 from zeda_lightning.adapters.skipping import install_sentinel_skip
-from zeda_lightning.routing.base import BaseRouter, MoEDims, RoutingVariant
+from zeda_lightning.routing.base import MASKABLE, BaseRouter, MoEDims, RoutingVariant, supports
 
 #: key under which the routing choice is stored in ``model.config`` (and so in ``config.json``)
 CONFIG_KEY = "zeda_routing"
@@ -152,16 +152,14 @@ def routing_state_keys(model: nn.Module) -> list[str]:
 
 
 def set_zero_mask(model: nn.Module, masked: bool) -> int:
-    """Mask (or unmask) the zero experts of every injected ``ZeroExpertRouter``; returns how many were set.
+    """Mask (or unmask) the zero experts of every injected router that is :data:`MASKABLE`; returns how many.
 
     Masked, the model computes exactly the original model (bit-identical logits): the teacher in ``shared_weights``
     mode is the student with this switch on.
     """
-    from zeda_lightning.routing.zero_experts import ZeroExpertRouter
-
     count = 0
     for mod in model.modules():
-        if isinstance(mod, ZeroExpertRouter):
+        if supports(mod, MASKABLE):
             mod.mask_zero = masked
             count += 1
     return count

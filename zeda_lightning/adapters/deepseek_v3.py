@@ -2,7 +2,7 @@
 unbiased weights renormalised (+1e-20) times routed_scaling_factor; shared experts in the block."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SigmoidGroupScoring
+from zeda_lightning.routing.scoring import SigmoidGroupScoring
 
 
 @register_adapter

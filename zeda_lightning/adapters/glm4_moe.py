@@ -1,7 +1,7 @@
 """GLM-4.5 / 4.6 (glm4_moe): DeepSeek-V3's sigmoid rule with correction bias and scaling factor."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SigmoidGroupScoring
+from zeda_lightning.routing.scoring import SigmoidGroupScoring
 
 
 @register_adapter

@@ -2,7 +2,7 @@
 first layer dense."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SigmoidGroupScoring
+from zeda_lightning.routing.scoring import SigmoidGroupScoring
 
 
 @register_adapter

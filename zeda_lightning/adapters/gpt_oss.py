@@ -2,7 +2,7 @@
 Zero experts get bias entries sampled like the new rows."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import LogitTopKSoftmaxScoring
+from zeda_lightning.routing.scoring import LogitTopKSoftmaxScoring
 
 
 @register_adapter

@@ -1,7 +1,7 @@
 """Mixtral: softmax top-k always renormalised over the k slots, weights kept in fp32 (no cast back)."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import MixtralScoring
+from zeda_lightning.routing.scoring import MixtralScoring
 
 
 @register_adapter

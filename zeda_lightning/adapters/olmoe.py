@@ -1,7 +1,7 @@
 """OLMoE: softmax top-k without renormalisation (``norm_topk_prob=False`` in the released model)."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
+from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 
 
 @register_adapter

@@ -2,7 +2,7 @@
 shared expert lives in the block and is left alone."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
+from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 
 
 @register_adapter

@@ -2,7 +2,7 @@
 ``norm_topk_prob``, weights cast back to the logits dtype."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
+from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 
 
 @register_adapter

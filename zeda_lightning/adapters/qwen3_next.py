@@ -1,7 +1,7 @@
 """Qwen3-Next: Qwen3's softmax top-k rule; a gated shared expert in the block, hybrid linear attention elsewhere."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
-from zeda_lightning.adapters.scoring import SoftmaxTopKScoring
+from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 
 
 @register_adapter

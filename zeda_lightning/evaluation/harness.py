@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+
+from zeda_lightning.export import check_model_dir, from_pretrained
+from zeda_lightning.fsio import atomic_write
 
 
 @register_model("zeda")
@@ -27,8 +29,6 @@ class ZedaLM(HFLM):
     """lm-eval model for zeda exports (and plain transformers MoE directories, for the teacher side)."""
 
     def __init__(self, pretrained: str, device: str | None = None, **kwargs: Any) -> None:
-        from zeda_lightning.export import check_model_dir
-
         if not isinstance(pretrained, str):
             raise ValueError("the zeda lm-eval model takes a directory: model_args={'pretrained': 'path/to/export'}")
         check_model_dir(pretrained, require_tokenizer=True)  # clear errors before lm-eval touches it
@@ -37,8 +37,6 @@ class ZedaLM(HFLM):
 
     def _create_model(self, pretrained: str, dtype: str | torch.dtype | None = "auto", **kwargs: Any) -> None:
         from lm_eval.models.utils_hf import get_dtype
-
-        from zeda_lightning.export import from_pretrained
 
         self._model = from_pretrained(pretrained, dtype=torch.float32 if dtype in ("auto", None) else get_dtype(dtype))
 
@@ -55,8 +53,6 @@ def evaluate(
     """Run lm-eval ``tasks`` on a model directory; returns lm-eval's results dict (``results``, ``configs``, ...)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    from zeda_lightning.export import check_model_dir
 
     check_model_dir(model, require_tokenizer=True)
     if include_path is not None and not os.path.isdir(include_path):
@@ -114,16 +110,6 @@ def eval_main(
         for task, metrics in results["results"].items()
     }
     if out is not None:
-        directory = os.path.dirname(os.path.abspath(out))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".eval-", dir=directory)
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(out) as f:
             json.dump(results, f, indent=2, default=str)
-        os.replace(tmp, out)
     return {"model": model, "results": summary}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
-
-    print(json.dumps(auto_cli(eval_main, args=argv, as_positional=False)))

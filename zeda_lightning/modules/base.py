@@ -8,9 +8,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from transformers import get_scheduler
 from typing_extensions import override
+
+from zeda_lightning.checkpointing import check_finite_state, checkpoint_meta, resolve_last
+from zeda_lightning.export import check_export_target, export_model
+from zeda_lightning.sharding import check_strategy, gather_for_export, is_sharded
 
 
 class TrainModuleBase(L.LightningModule):
@@ -23,7 +29,8 @@ class TrainModuleBase(L.LightningModule):
     activation_checkpointing: recompute each decoder layer in backward (transformers' gradient checkpointing):
         activation memory of one layer instead of all, for about a third more compute.
     global_batch_size: sequences per optimiser step over all processes; gradient accumulation is derived from it
-        (``global / (world size x data.batch_size)``, which must divide), so one YAML runs on any GPU count.
+        (``global / (world size x data.batch_size)``, which must divide), so one YAML runs on any GPU count, from
+        the command line or from ``Trainer.fit(module, datamodule)`` alike.
     """
 
     def __init__(
@@ -73,15 +80,10 @@ class TrainModuleBase(L.LightningModule):
         """Checks of the strategy, schedule, export target and resumed checkpoint, run by the CLI in the launching
         process before any process group exists; sets ``trainer.accumulate_grad_batches`` from
         ``global_batch_size``. Returns the checkpoint to resume from (``last`` resolved to a complete one)."""
-        from zeda_lightning import sharding
-
-        micro = getattr(datamodule, "batch_size", None)
-        trainer.accumulate_grad_batches = sharding.check_strategy(trainer, micro, self.global_batch_size)
+        self._apply_global_batch(trainer, datamodule)
         if stage == "fit":
             check_schedule(trainer)
             if self.export_dir is not None:
-                from zeda_lightning.export import check_export_target
-
                 check_export_target(self.export_dir, self.export_overwrite, protected=self.protected_paths(trainer))
         if ckpt_path is None:
             return None
@@ -90,10 +92,19 @@ class TrainModuleBase(L.LightningModule):
             self.check_resume(path)
         return path
 
+    def _apply_global_batch(self, trainer, datamodule) -> None:
+        trainer.accumulate_grad_batches = check_strategy(trainer, getattr(datamodule, "batch_size", None),
+                                                         self.global_batch_size)
+
+    @override
+    def setup(self, stage: str) -> None:
+        """``global_batch_size`` applied however the run was launched (the CLI checks it earlier, in the launching
+        process, to fail before anything is written)."""
+        if stage == "fit" and self.global_batch_size is not None:
+            self._apply_global_batch(self.trainer, self.trainer.datamodule)
+
     def check_resume(self, path: str) -> None:
         """Refuse to resume from a checkpoint that does not fit this run; subclasses name what must match."""
-        from zeda_lightning.checkpointing import checkpoint_meta
-
         checkpoint_meta(path)
 
     # -- divergence --------------------------------------------------------------------------------------------
@@ -123,8 +134,6 @@ class TrainModuleBase(L.LightningModule):
         return None
 
     def _check_weights(self, what: str) -> None:
-        from zeda_lightning.checkpointing import check_finite_state
-
         model = self._trained_model()
         if model is None:
             return
@@ -157,8 +166,6 @@ class TrainModuleBase(L.LightningModule):
 
     @override
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         total = int(self.trainer.estimated_stepping_batches)
@@ -175,13 +182,10 @@ class TrainModuleBase(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.export_dir is None:
             return
-        from zeda_lightning import sharding
-        from zeda_lightning.export import export_model
-
         self._check_weights(f"not exporting to {self.export_dir}: the trained weights")
         model, tokenizer = self.export_model_and_tokenizer()
-        if sharding.is_sharded(model):  # every rank gives its shards; rank 0 assembles the full model on CPU
-            model = sharding.gather_for_export(model, self.trainer.global_rank)
+        if is_sharded(model):  # every rank gives its shards; rank 0 assembles the full model on CPU
+            model = gather_for_export(model, self.trainer.global_rank)
         if self.trainer.is_global_zero:
             export_model(model, self.export_dir, tokenizer, overwrite=self.export_overwrite,
                          protected=self.protected_paths(self.trainer))
@@ -207,10 +211,6 @@ def check_schedule(trainer) -> None:
 def _resolve_ckpt_path(trainer, ckpt_path: str) -> str | None:
     """The checkpoint ``--ckpt_path`` names: ``last`` = the newest complete ``last*`` checkpoint of the checkpoint
     callbacks (a truncated one, from a full disk or a kill, is skipped with a warning); ``None`` if none exists."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-    from zeda_lightning.checkpointing import resolve_last
-
     if ckpt_path in ("best", "hpc", "registry"):
         return ckpt_path
     if ckpt_path == "last":

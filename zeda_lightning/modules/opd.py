@@ -10,18 +10,20 @@ of the single-sample estimate; ``lmbda < 1`` mixes in off-policy batches (GKD st
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoTokenizer
 from typing_extensions import override
 
-from zeda_lightning.generate import seeded
-from zeda_lightning.losses import masked_mean, ppo_clip_loss, reverse_kl_advantage, token_kl
-from zeda_lightning.modules.distill import ZedaDistillModule, _zero_ratio, zero_experts_masked
-from zeda_lightning.routing import capture_routing, replay_routing
+from zeda_lightning.analysis import zero_ratio
+from zeda_lightning.losses.kd import masked_mean, token_kl
+from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage
+from zeda_lightning.modules.distill import ZedaDistillModule
+from zeda_lightning.routing.base import capture_routing
+from zeda_lightning.sampling import eos_token_ids, seeded
 
 
 def _positions(attention_mask: Tensor) -> Tensor:
@@ -33,7 +35,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
     """Args (beyond :class:`ZedaDistillModule`'s):
     num_samples: responses sampled per prompt (paper: 2).
     max_new_tokens: most tokens per sampled response.
-    temperature: sampling temperature (paper: 1).
+    sampling_temperature: sampling temperature (paper: 1); off-policy steps use ``kl_temperature`` for the KL.
     top_p: nucleus threshold for sampling (1 = off).
     clip_eps: PPO clip below 1 (and above, unless ``clip_eps_high``).
     clip_eps_high: PPO clip above 1 (asymmetric, DAPO style); ``None`` = ``clip_eps``.
@@ -50,7 +52,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         *args: Any,
         num_samples: int = 2,
         max_new_tokens: int = 64,
-        temperature: float = 1.0,
+        sampling_temperature: float = 1.0,
         top_p: float = 1.0,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
@@ -69,6 +71,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
             raise ValueError(f"lmbda must be in [0, 1] (share of on-policy steps), got {lmbda}")
         if rollout_reuse < 1:
             raise ValueError(f"rollout_reuse must be >= 1, got {rollout_reuse}")
+        if kwargs.get("temperature") is not None:
+            raise ValueError("OnPolicyDistillModule: 'temperature' was renamed: set sampling_temperature (the "
+                             "student's sampling temperature) and, for off-policy steps, kl_temperature")
+        if sampling_temperature <= 0:
+            raise ValueError(f"sampling_temperature must be > 0 (on-policy rollouts sample), got {sampling_temperature}")
         kwargs.setdefault("objective", "reverse_kl")
         if routing_replay and kwargs.get("activation_checkpointing"):
             raise ValueError(
@@ -77,7 +84,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
             )
         super().__init__(*args, **kwargs)
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
-        self.temperature, self.top_p = temperature, top_p
+        self.sampling_temperature, self.top_p = sampling_temperature, top_p
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
         self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
@@ -105,10 +112,6 @@ class OnPolicyDistillModule(ZedaDistillModule):
         """``(pad, every eos id)`` from the generation config and the tokenizer shipped with the teacher: a chat
         model often has several (GLM ends an assistant turn with ``<|user|>``), and a response ends at any of them."""
         if not hasattr(self, "_pad_eos"):
-            from transformers import AutoTokenizer
-
-            from zeda_lightning.generate import eos_token_ids
-
             tok = AutoTokenizer.from_pretrained(self.teacher_path, trust_remote_code=False)
             eos = eos_token_ids(self.student, tok)
             if not eos:
@@ -135,7 +138,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         start = time.perf_counter()
         with capture_routing(student, accumulate=True) as records, seeded(sample_seed, prompt_ids.device):
             seq = student.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.sampling_temperature,
                 top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples,
                 pad_token_id=pad, eos_token_id=eos,
             )
@@ -157,36 +160,26 @@ class OnPolicyDistillModule(ZedaDistillModule):
         return {
             "input_ids": seq,
             "attention_mask": attention_mask,
+            "position_ids": _positions(attention_mask),
             "response_mask": response_mask,
             "prompt_len": plen,
             "replay": replay,
             "tokens_per_s": float(response_mask.sum()) / max(elapsed, 1e-9),
         }
 
-    def _forward_student(self, rollout: dict[str, Any]):
-        ctx = replay_routing(self.student, rollout["replay"]) if self.routing_replay else contextlib.nullcontext()
-        batch = {"input_ids": rollout["input_ids"], "attention_mask": rollout["attention_mask"]}
-        with ctx, capture_routing(self.student) as records:
-            logits = self.student(**batch, position_ids=_positions(batch["attention_mask"])).logits
-        return logits, dict(records)
-
-    @torch.no_grad()
-    def _teacher_logits(self, rollout: dict[str, Any]) -> Tensor:
-        am = rollout["attention_mask"]
-        kwargs = {"input_ids": rollout["input_ids"], "attention_mask": am, "position_ids": _positions(am)}
-        if self.teacher is not None:
-            return self.teacher(**kwargs).logits
-        with zero_experts_masked(self.student):
-            return self.student(**kwargs).logits
+    def rollout_forward(self, rollout: dict[str, Any]) -> tuple[Tensor, dict]:
+        """The student's forward on its own samples (through :meth:`student_forward`), replaying the sampler's
+        expert choices when ``routing_replay``."""
+        return self.student_forward(rollout, replay=rollout["replay"] if self.routing_replay else None)
 
     def make_rollout(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Sample, then score: teacher log-probs and the sampler's (old) log-probs of the sampled tokens."""
         rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=self.seed + self.global_step)
         p = rollout["prompt_len"]
         response = rollout["input_ids"][:, p:]
-        teacher_logits = self._teacher_logits(rollout)[:, p - 1 : -1]  # (R, G, V) predicting the response
+        teacher_logits = self.teacher_forward(rollout)[:, p - 1 : -1]  # (R, G, V) predicting the response
         with torch.no_grad():
-            old_logits = self._forward_student(rollout)[0][:, p - 1 : -1]
+            old_logits = self.rollout_forward(rollout)[0][:, p - 1 : -1]
         teacher_log_probs = torch.log_softmax(teacher_logits.float(), -1)  # (R, G, V)
         old_log_probs = torch.log_softmax(old_logits.float(), -1)
         tokens = response.unsqueeze(-1)
@@ -220,7 +213,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         rollout = self._rollouts[slot][1]
         p = rollout["prompt_len"]
         mask = rollout["response_mask"]
-        logits, records = self._forward_student(rollout)
+        logits, records = self.rollout_forward(rollout)
         s_logits = logits[:, p - 1 : -1]  # (R, G, V)
         log_s = torch.log_softmax(s_logits.float(), -1)
         if self.exact_reverse_kl:
@@ -238,15 +231,13 @@ class OnPolicyDistillModule(ZedaDistillModule):
                           detail=lambda name: self.nonfinite_layers(records, token_mask) if name == "aux" else None)
         loss = policy_loss + aux
         bs = rollout["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/policy_loss", policy_loss, batch_size=bs)
-        self.log("train/aux_loss", aux, batch_size=bs)
-        self.log("train/reverse_kl", masked_mean(exact_rkl, mask).detach(), prog_bar=True, batch_size=bs)
-        self.log("train/reverse_kl_estimate", masked_mean(rollout["old_logp"] - rollout["teacher_logp"], mask), batch_size=bs)
-        self.log("train/clip_fraction", clip_fraction, batch_size=bs)
-        self.log("train/zero_ratio", _zero_ratio(records, token_mask), prog_bar=True, batch_size=bs)
-        self.log("train/sampling_tokens_per_s", rollout["tokens_per_s"], batch_size=bs)
-        self.log("train/response_tokens", mask.sum().float() / bs, batch_size=bs)
+        self.log_train({
+            "loss": loss, "policy_loss": policy_loss, "aux_loss": aux,
+            "reverse_kl": masked_mean(exact_rkl, mask).detach(),
+            "reverse_kl_estimate": masked_mean(rollout["old_logp"] - rollout["teacher_logp"], mask),
+            "clip_fraction": clip_fraction.to(loss.device), "zero_ratio": zero_ratio(records, token_mask),
+            "sampling_tokens_per_s": rollout["tokens_per_s"], "response_tokens": mask.sum().float() / bs,
+        }, bs)
         return loss
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -256,11 +247,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
         of those forwards: ``(mean KL per response token, zero ratio)``."""
         rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=seed)
         p = rollout["prompt_len"]
-        s_logits, records = self._forward_student(rollout)
-        t_logits = self._teacher_logits(rollout)
+        s_logits, records = self.rollout_forward(rollout)
+        t_logits = self.teacher_forward(rollout)
         kl = token_kl(torch.log_softmax(s_logits[:, p - 1 : -1].float(), -1), torch.log_softmax(t_logits[:, p - 1 : -1].float(), -1))
         token_mask = rollout["attention_mask"].reshape(-1).bool()
-        return masked_mean(kl, rollout["response_mask"]), _zero_ratio(records, token_mask)
+        return masked_mean(kl, rollout["response_mask"]), zero_ratio(records, token_mask)
 
     @override
     def validation_step(self, batch, batch_idx):
@@ -268,5 +259,5 @@ class OnPolicyDistillModule(ZedaDistillModule):
         if "prompt_ids" in batch:
             kl, zero = self.heldout_reverse_kl(batch, seed=1234 + batch_idx)
             bs = batch["prompt_ids"].shape[0]
-            self.log("val/reverse_kl", kl, batch_size=bs)
-            self.log("val/sampled_zero_ratio", zero, batch_size=bs)
+            self.log("val/reverse_kl", kl, batch_size=bs, sync_dist=True)
+            self.log("val/sampled_zero_ratio", zero, batch_size=bs, sync_dist=True)

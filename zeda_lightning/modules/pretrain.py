@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typing_extensions import override
 
-from zeda_lightning.losses import cross_entropy
+from zeda_lightning.losses.kd import cross_entropy
 from zeda_lightning.metrics import GroupedRatio
 from zeda_lightning.modules.base import TrainModuleBase
+from zeda_lightning.sharding import data_parallel_mesh, enable_activation_checkpointing, param_dtypes, shard
 
 
 class LMPretrainModule(TrainModuleBase):
@@ -47,21 +49,17 @@ class LMPretrainModule(TrainModuleBase):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         cfg = dict(self.model_config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        from zeda_lightning import sharding
-
-        mesh = sharding.data_parallel_mesh(self)
+        mesh = data_parallel_mesh(self)
         if mesh is not None:  # same seed on every rank: each keeps its shard of the same random init
-            _, compute = sharding.param_dtypes(self.trainer)
-            sharding.shard(self.model, mesh, compute_dtype=compute, activation_checkpointing=self.activation_checkpointing)
+            _, compute = param_dtypes(self.trainer)
+            shard(self.model, mesh, compute_dtype=compute, activation_checkpointing=self.activation_checkpointing)
         elif self.activation_checkpointing:
-            sharding.enable_activation_checkpointing(self.model)
+            enable_activation_checkpointing(self.model)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -86,12 +84,7 @@ class LMPretrainModule(TrainModuleBase):
                 logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100
             )  # (B, S-1)
             valid = (labels != -100).float()
-            dom = batch["domain"].clamp_min(0)
-            g = len(self.domains)
-            self.domain_nll.update(
-                torch.zeros(g, device=dom.device).index_add(0, dom, (per_tok * valid).sum(1)),
-                torch.zeros(g, device=dom.device).index_add(0, dom, valid.sum(1)),
-            )
+            self.domain_nll.update_by_group((per_tok * valid).sum(1), valid.sum(1), batch["domain"])
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -108,8 +101,6 @@ class LMPretrainModule(TrainModuleBase):
 
     @override
     def export_model_and_tokenizer(self):
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=False) if self.tokenizer_path else None
         if getattr(self.model.config, "output_router_logits", False):
             self.model.config.output_router_logits = False  # a training-time switch; the export is for inference

@@ -5,7 +5,11 @@ YAML picks a variant by ``class_path`` (e.g. ``zeda_lightning.routing.ZeroExpert
 """
 
 from zeda_lightning.routing.base import (
+    BUDGET,
+    CAPABILITIES,
+    MASKABLE,
     ROUTING_VARIANTS,
+    ZERO_SLOTS,
     BaseRouter,
     MoEDims,
     RouterOutput,
@@ -17,6 +21,7 @@ from zeda_lightning.routing.base import (
     register_routing,
     replay_routing,
     routing_from_config,
+    supports,
 )
 from zeda_lightning.routing.null_experts import NullExpertRouter, NullExperts
 from zeda_lightning.routing.adamoe import AdaMoE
@@ -27,7 +32,11 @@ from zeda_lightning.routing.top_p import TopP, TopPRouter
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
 __all__ = [
+    "BUDGET",
+    "CAPABILITIES",
+    "MASKABLE",
     "ROUTING_VARIANTS",
+    "ZERO_SLOTS",
     "AdaMoE",
     "BaseRouter",
     "LongCatBias",
@@ -52,4 +61,5 @@ __all__ = [
     "register_routing",
     "replay_routing",
     "routing_from_config",
+    "supports",
 ]

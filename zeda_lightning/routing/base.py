@@ -16,16 +16,33 @@ import collections.abc
 import contextlib
 import functools
 import inspect
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from zeda_lightning.adapters.scoring import RouterScoring
+from zeda_lightning.routing.scoring import RouterScoring
+
+
+#: What a routing variant (and the router it builds) supports, declared by each class instead of being inferred
+#: from its base class: the trainer, the masked teacher and the budget knob ask for a capability, so a new variant
+#: gets them by declaring it, not by subclassing ``ZeroExperts``.
+MASKABLE = "maskable"  # ``mask_zero`` switches the router back to the exact original routing (bit-identical)
+ZERO_SLOTS = "zero_slots"  # the pool holds zero-compute experts after the N real ones (L_GA sets their share)
+BUDGET = "budget"  # honours the zero-logit bias, the inference compute knob of ``zeda_lightning.budget``
+CAPABILITIES = frozenset({MASKABLE, ZERO_SLOTS, BUDGET})
+
+
+def supports(obj: Any, capability: str) -> bool:
+    """Does a routing variant or router (instance or class) declare ``capability``?"""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown routing capability {capability!r}; known: {sorted(CAPABILITIES)}")
+    return capability in getattr(obj, "capabilities", frozenset())
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,9 @@ class RouterOutput:
 class BaseRouter(nn.Module):
     """A drop-in for a family's router. Parameter names follow the original (``weight``, ``bias``,
     ``e_score_correction_bias``) so checkpoints map key for key; only shapes grow."""
+
+    #: see :data:`MASKABLE`, :data:`ZERO_SLOTS`, :data:`BUDGET`
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, dims: MoEDims, scoring: RouterScoring, num_rows: int, *, has_bias: bool, has_correction_bias: bool):
         super().__init__()
@@ -168,6 +188,8 @@ class RoutingVariant(ABC):
 
     #: registry name, for notebooks and tests; YAML picks the class by ``class_path``.
     name: ClassVar[str]
+    #: what the variant supports (:data:`MASKABLE`, :data:`ZERO_SLOTS`, :data:`BUDGET`); checked before building
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every variant's ``__init__`` checks its arguments' types first (``num_zero_experts=2.5`` is refused
@@ -272,9 +294,6 @@ def _registered_class(class_path: str) -> type[RoutingVariant] | None:
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     """``value`` fits a simple annotation (int, float, bool, str, None, unions, Literal, list/tuple of those)."""
-    import typing
-    import types
-
     if annotation is inspect.Parameter.empty or annotation is Any:
         return True
     origin = typing.get_origin(annotation)
@@ -304,8 +323,6 @@ def check_init_args(cls: type[RoutingVariant], init_args: Any, where: str = "rou
 
     Values from a file (a model's ``config.json``, a dict in YAML) are checked here before the class sees them.
     """
-    import typing
-
     if not isinstance(init_args, dict):
         raise ValueError(f"{where}: init_args of {cls.__name__} must be a mapping, got {init_args!r}")
     params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}

@@ -3,8 +3,8 @@ balancing of arXiv 2408.15664).
 
 ZEDA's pool (N real + N_Z zero experts), plus one bias per router added to the zero-expert logits for selection
 only: the combine weights use the unbiased scores. After each optimiser step
-``bias += update_rate * sign(target - realised zero share)`` (:meth:`LongCatBiasRouter.update_bias`, called by
-``zeda_lightning.callbacks.ZeroShareBiasController``), so the share settles at ``target`` without a loss term.
+``bias += update_rate * sign(target - realised zero share)`` (:meth:`LongCatBiasRouter.apply_counts`, called by
+``zeda_lightning.callbacks.ZeroShareBiasController`` at each optimiser step), so the share settles at ``target`` without a loss term.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from zeda_lightning.adapters.scoring import compute_dtype
-from zeda_lightning.routing.base import MoEDims, RouterOutput, register_routing
+from zeda_lightning.routing.scoring import compute_dtype
+from zeda_lightning.routing.base import MASKABLE, ZERO_SLOTS, MoEDims, RouterOutput, register_routing
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
 
 class LongCatBiasRouter(ZeroExpertRouter):
+    #: no zero-logit budget knob: its route ignores ``zero_logit_bias``
+    capabilities = frozenset({MASKABLE, ZERO_SLOTS})
+
     def __init__(self, dims: MoEDims, scoring, num_zero_experts: int, mask_zero: bool, target: float,
                  update_rate: float, **kw) -> None:
         super().__init__(dims, scoring, num_zero_experts, mask_zero, **kw)
@@ -44,18 +47,27 @@ class LongCatBiasRouter(ZeroExpertRouter):
             self._slots = self._slots.to(skip.device) + skip.numel()
         return self._output(logits, weights, idx, skip)
 
+    def take_counts(self) -> Tensor:
+        """``(zero slots, all slots)`` routed in training forwards since the last call (float64, (2,)), reset."""
+        counts = torch.stack([self._skipped, self._slots.to(self._skipped.device)])
+        self._skipped, self._slots = torch.zeros_like(self._skipped), torch.zeros_like(self._slots)
+        return counts
+
     @torch.no_grad()
-    def update_bias(self) -> float | None:
-        """One controller step from the training forwards since the last call; returns their zero share (or None
-        when there were none). Padding tokens count too (packed data has none)."""
-        if float(self._slots) == 0:
+    def apply_counts(self, skipped: float, slots: float) -> float | None:
+        """One controller step from counts (summed over micro-batches and processes); returns their zero share,
+        or ``None`` when there were none. Padding tokens count too (packed data has none)."""
+        if slots == 0:
             return None
-        share = float(self._skipped / self._slots)
+        share = skipped / slots
         step = self.update_rate * (1.0 if self.target > share else -1.0 if self.target < share else 0.0)
         self.zero_selection_bias.add_(step)
-        self._skipped.zero_()
-        self._slots.zero_()
         return share
+
+    def update_bias(self) -> float | None:
+        """One controller step from this process's own counts (single process use)."""
+        skipped, slots = self.take_counts().tolist()
+        return self.apply_counts(skipped, slots)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, target={self.target}, update_rate={self.update_rate}"
@@ -73,6 +85,8 @@ class LongCatBias(ZeroExperts):
         mask_zero: start with zero experts masked (the model is then exactly the original).
         seed: seed for the Gaussian init of the new router rows.
     """
+
+    capabilities = LongCatBiasRouter.capabilities
 
     def __init__(self, target: float = 0.5, update_rate: float = 0.01, num_zero_experts: int | None = None,
                  mask_zero: bool = False, seed: int | None = None) -> None:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from zeda_lightning.adapters.scoring import compute_dtype
-from zeda_lightning.routing.base import MoEDims, RouterOutput, register_routing
+from zeda_lightning.routing.scoring import compute_dtype
+from zeda_lightning.routing.base import MASKABLE, ZERO_SLOTS, MoEDims, RouterOutput, register_routing
 from zeda_lightning.routing.zero_experts import ZeroExpertRouter, ZeroExperts
 
 
 class MoEPlusPlusRouter(ZeroExpertRouter):
     """Family scoring over N + N_zc rows, top-K unchanged; zero-computation slots are sentinels whose (copy,
     constant) outputs are handed to the experts' skip hook."""
+
+    #: no zero-logit budget knob: its route ignores ``zero_logit_bias``
+    capabilities = frozenset({MASKABLE, ZERO_SLOTS})
 
     def __init__(self, dims: MoEDims, scoring, num_zero: int, num_copy: int, num_constant: int,
                  gating_residual: bool, mask_zero: bool, **kw) -> None:
@@ -94,6 +97,8 @@ class MoEPlusPlus(ZeroExperts):
         mask_zero: start with every zero-computation expert masked (the model is then exactly the original).
         seed: seed for the Gaussian init of the new router rows.
     """
+
+    capabilities = MoEPlusPlusRouter.capabilities
 
     def __init__(self, num_zero: int = 1, num_copy: int = 1, num_constant: int = 2, gating_residual: bool = False,
                  mask_zero: bool = False, seed: int | None = None) -> None:

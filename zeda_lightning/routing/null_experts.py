@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from zeda_lightning.adapters.scoring import compute_dtype
+from zeda_lightning.routing.scoring import compute_dtype
 from zeda_lightning.routing.base import (
     BaseRouter,
     MoEDims,

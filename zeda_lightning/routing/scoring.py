@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zeda_lightning.losses.routing import router_probs
+
 
 class RouterScoring(ABC):
     """Turns hidden states into logits, picks k slots, and turns the picked scores into combine weights."""
@@ -57,8 +59,6 @@ class RouterScoring(ABC):
 
     def probs(self, logits: Tensor) -> Tensor:
         """A distribution over the pool, for thresholds (top-p); same rule as the aux losses use."""
-        from zeda_lightning.losses.routing import router_probs
-
         return router_probs(logits, self.score_func)
 
 
