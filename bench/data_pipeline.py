@@ -90,7 +90,9 @@ def baseline_setup(path: str):
     """The previous data path: row-by-row check and tokenisation, rows as Python lists (reference only)."""
     import datasets
 
-    from zeda_lightning.data.module import IGNORE_INDEX, ZedaDataModule, _builder, _row_problem, _where
+    from zeda_lightning.data.collate import IGNORE_INDEX
+    from zeda_lightning.data.files import _builder, _row_problem, _where
+    from zeda_lightning.data.module import ZedaDataModule
 
     dm = ZedaDataModule(tokenizer=TOKENIZER, train_files=path, max_length=MAX_LENGTH)
     tok = dm.load_tokenizer()

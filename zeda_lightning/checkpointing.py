@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 
 from zeda_lightning.fsio import atomic_write, fsync_path
+from zeda_lightning.routing.base import routing_from_config
 
 _DCP_METADATA = ".metadata"
 _STAGING = ".{name}.zeda-staging"  # a distributed checkpoint being written
@@ -187,6 +188,41 @@ def checkpoint_shapes(path: str, loaded: dict | None = None) -> dict[str, tuple[
                 if k.startswith(prefix) and hasattr(v, "size")}
     state = (loaded if loaded is not None else checkpoint_meta(path))["state_dict"]
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def check_fits(path: str, meta: dict, routing: dict | None, expected: dict[str, tuple[int, ...]], prefix: str,
+               model: str, role: str = "model") -> list[str]:
+    """Refuse a checkpoint of another model before anything is written: its saved routing config (a
+    ``hyper_parameters.routing`` entry, resolved through the registry only) must equal ``routing``, and its
+    ``prefix``-ed tensors must have the ``expected`` names and shapes (``model`` names the configured model in the
+    error, as the configured ``role``). Returns the expected names the checkpoint lacks that end in a legacy buffer
+    suffix (those are not refused)."""
+    hparams = meta.get("hyper_parameters") or {}
+    saved = hparams.get("routing") if isinstance(hparams, dict) else None
+    if saved is not None:
+        try:
+            saved = routing_from_config(saved, where=f"checkpoint {path}").to_config()
+        except ValueError as err:
+            raise ValueError(f"{err}; resume only from checkpoints of this package's runs") from err
+    if saved is not None and routing is not None and saved != routing:
+        raise ValueError(f"checkpoint {path} was trained with routing {saved}, but this run asks for {routing}; "
+                         "resume with the routing config it was trained with, or start a new run without --ckpt_path")
+    found = {k: v for k, v in checkpoint_shapes(path, meta).items() if k.startswith(prefix)}
+    wrong = [(k, found[k], expected[k]) for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    legacy = [k for k in missing if k.endswith(LEGACY_BUFFERS)]
+    missing = [k for k in missing if k not in legacy]
+    if wrong or missing or extra:
+        what = (f"{wrong[0][0]} has shape {wrong[0][1]} there, this run's model {wrong[0][2]}" if wrong else
+                f"tensors missing from it: {missing[:3]}" if missing else f"tensors this model lacks: {extra[:3]}")
+        raise ValueError(f"checkpoint {path} does not fit the configured {role} ({model}): {what}; resume with the "
+                         "model it was trained with")
+    return legacy
+
+
+#: buffers added to the model after checkpoints were written without them, restored at their defaults: the routers'
+#: zero-logit budget (0 in training), which became a weight
+LEGACY_BUFFERS = (".zero_logit_bias",)
 
 
 def is_complete(path: str) -> bool:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from zeda_lightning.adapters.base import ADAPTERS, CONFIG_KEY, adapter_for, inject
 from zeda_lightning.export import check_model_dir, from_pretrained
 from zeda_lightning.modules.teacher import FrozenTeacher
-from zeda_lightning.routing.base import MASKABLE, BaseRouter, RoutingVariant, iter_routers, supports
+from zeda_lightning.routing.base import MASKABLE, BaseRouter, RoutingVariant, iter_routers, routing_from_config, supports
 from zeda_lightning.sharding import (
     SafetensorsReader,
     build_empty,
@@ -57,6 +57,21 @@ def check_teacher_dir(path: str, *, role: str = "teacher", allow_zeda_export: bo
         model = AutoModelForCausalLM.from_config(config)
     if not adapter_for(model).find_blocks(model):
         raise ValueError(f"{role} {path} has no MoE layer: there is no router to add zero experts to")
+    return cfg
+
+
+def check_student_dir(path: str, routing: RoutingVariant, teacher_cfg: dict) -> dict:
+    """A student to start from (e.g. a stage-1 export): a supported MoE with the teacher's vocabulary, and, if it
+    is a zeda export, trained with this run's routing config."""
+    cfg = check_teacher_dir(path, role="student")
+    if cfg.get("vocab_size") != teacher_cfg.get("vocab_size"):
+        raise ValueError(f"teacher/student vocab mismatch: {teacher_cfg.get('vocab_size')} vs {cfg.get('vocab_size')} "
+                         f"({path}); distil between models sharing a tokenizer")
+    saved = cfg.get(CONFIG_KEY)
+    saved = None if saved is None else routing_from_config(saved, where=f"student {path} config.json").to_config()
+    if saved is not None and saved != routing.to_config():
+        raise ValueError(f"student {path} was trained with routing {saved}, but this run asks for "
+                         f"{routing.to_config()}; use the same routing config (or start from the original teacher)")
     return cfg
 
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from typing_extensions import override
 
 from zeda_lightning.analysis import slot_counts, zero_ratio
-from zeda_lightning.checkpointing import check_finite_state, checkpoint_meta, checkpoint_shapes
+from zeda_lightning.checkpointing import check_finite_state, check_fits, checkpoint_meta
 from zeda_lightning.losses.objectives import Objective, make_objective
 from zeda_lightning.losses.router_losses import RouterLoss, make_router_loss
 from zeda_lightning.metrics import DistillMetrics
@@ -27,6 +27,7 @@ from zeda_lightning.modules.builders import (
     TeacherMode,
     Trainable,
     build_for,
+    check_student_dir,
     check_teacher_dir,
     meta_student,
 )
@@ -43,10 +44,6 @@ from zeda_lightning.routing.base import (
 )
 from zeda_lightning.routing.zero_experts import ZeroExperts
 from zeda_lightning.sharding import strategy_kind
-
-
-#: the router buffer checkpoints written before the compute budget was a weight lack (restored as 0)
-LEGACY_BUFFER = ".zero_logit_bias"
 
 
 class ZedaDistillModule(TrainModuleBase):
@@ -120,7 +117,7 @@ class ZedaDistillModule(TrainModuleBase):
                              f"{type(routing).__name__} does not declare; use aux_loss='switch' or 'none'")
         self.teacher_cfg = check_teacher_dir(teacher, allow_zeda_export=allow_zeda_teacher)
         if student is not None:
-            self._check_student(student, routing)
+            check_student_dir(student, routing, self.teacher_cfg)
         self.save_hyperparameters(ignore=["optimizer", "routing", "objective", "aux_loss"])
         self.hparams.update(routing=routing.to_config(), objective=self.objective.to_config(),
                             aux_loss=self.router_loss.to_config())
@@ -129,17 +126,6 @@ class ZedaDistillModule(TrainModuleBase):
         self.student: nn.Module | None = None
         self.teacher = None  # a FrozenTeacher, outside the module tree; None with shared_weights
         self.eval_metrics: DistillMetrics | None = None
-
-    def _check_student(self, student: str, routing: RoutingVariant) -> None:
-        cfg = check_teacher_dir(student, role="student")
-        if cfg.get("vocab_size") != self.teacher_cfg.get("vocab_size"):
-            raise ValueError(f"teacher/student vocab mismatch: {self.teacher_cfg.get('vocab_size')} vs "
-                             f"{cfg.get('vocab_size')} ({student}); distil between models sharing a tokenizer")
-        saved = cfg.get("zeda_routing")
-        saved = None if saved is None else routing_from_config(saved, where=f"student {student} config.json").to_config()
-        if saved is not None and saved != routing.to_config():
-            raise ValueError(f"student {student} was trained with routing {saved}, but this run asks for "
-                             f"{routing.to_config()}; use the same routing config (or start from the original teacher)")
 
     # -- building ----------------------------------------------------------------------------------------------
     @override
@@ -299,30 +285,11 @@ class ZedaDistillModule(TrainModuleBase):
     def check_resume(self, path: str) -> None:
         """The user's config decides what runs; a checkpoint only restores state, and only one of this model:
         same routing config and the same tensor shapes (refused before anything is written, naming both)."""
-        meta = checkpoint_meta(path)
-        hparams = meta.get("hyper_parameters") or {}
-        saved = hparams.get("routing") if isinstance(hparams, dict) else None
-        if saved is not None:
-            try:
-                saved = routing_from_config(saved, where=f"checkpoint {path}").to_config()
-            except ValueError as err:
-                raise ValueError(f"{err}; resume only from checkpoints of this package's runs") from err
-        if saved is not None and saved != self.hparams["routing"]:
-            raise ValueError(
-                f"checkpoint {path} was trained with routing {saved}, but this run asks for {self.hparams['routing']}; "
-                "resume with the routing config it was trained with, or start a new run without --ckpt_path")
         expected = {f"student.{k}": tuple(v.shape) for k, v in self.meta_student().state_dict().items()}
-        found = {k: v for k, v in checkpoint_shapes(path, meta).items() if k.startswith("student.")}
-        wrong = [(k, found[k], expected[k]) for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        if any(k.endswith(LEGACY_BUFFER) for k in missing):  # written before the budget was a buffer: it starts at 0
-            missing = [k for k in missing if not k.endswith(LEGACY_BUFFER)]
+        legacy = check_fits(path, checkpoint_meta(path), self.hparams["routing"], expected, "student.",
+                            f"{self.spec.source} + {type(self.routing).__name__}", role="student")
+        if legacy:  # restored at their defaults: a partial load
             self.strict_loading = False
-        if wrong or missing or extra:
-            what = (f"{wrong[0][0]} has shape {wrong[0][1]} there, this run's model {wrong[0][2]}" if wrong else
-                    f"tensors missing from it: {missing[:3]}" if missing else f"tensors this model lacks: {extra[:3]}")
-            raise ValueError(f"checkpoint {path} does not fit the configured student ({self.spec.source} + "
-                             f"{type(self.routing).__name__}): {what}; resume with the model it was trained with")
 
     def meta_student(self) -> nn.Module:
         """The configured student on the meta device (shapes and names only, no weights read)."""
