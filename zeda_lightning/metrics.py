@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from zeda_lightning.losses.kd import cross_entropy, token_kl
 
@@ -43,20 +43,47 @@ class GroupedRatio(Metric):
         return self.denominator > 0
 
 
+class WeightedMean(Metric):
+    """``sum(value_i * weight_i) / sum(weight_i)``, synced by summing both; a NaN or inf value propagates.
+
+    (torchmetrics' ``MeanMetric`` drops NaN by default, and with ``nan_strategy="disable"`` it ignores the weights:
+    an unweighted mean of batch means, which misweights a short last batch.)
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: Tensor | float = 1.0) -> None:
+        value = torch.as_tensor(value).detach().to(self.total.device, torch.float64)
+        weight = torch.as_tensor(weight).detach().to(self.weight.device, torch.float64)
+        self.total += (value * weight).sum()
+        self.weight += weight.sum() if weight.dim() else weight * max(value.numel(), 1)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.weight).float()
+
+    def seen(self) -> bool:
+        return bool(self.weight > 0)
+
+
 #: the scalar held-out metrics a distillation run logs, in order
 DISTILL_SCALARS = ("nll", "teacher_nll", "kl_to_teacher", "top1_agreement", "zero_ratio", "real_experts_per_token")
 
 
 class DistillMetrics(MetricCollection):
     """Held-out metrics of a distillation run, synced across processes by torchmetrics: the student's and the
-    teacher's NLL, KL(teacher || student), top-1 agreement (token-weighted), and the zero-slot share overall, per
+    teacher's NLL, KL(teacher || student), top-1 agreement (each weighted by the batch's scored tokens), and the zero-slot share overall, per
     MoE layer and per domain (slot-weighted). ``real_experts_per_token`` is ``K (1 - zero_ratio)``: the same counts.
 
     A NaN is kept, not dropped: a diverged student must surface in the log and stop the run.
     """
 
     def __init__(self, layer_ids: list[int], domains: list[str], top_k: int) -> None:
-        metrics = {name: MeanMetric(nan_strategy="disable") for name in ("nll", "teacher_nll", "kl_to_teacher", "top1_agreement")}
+        metrics = {name: WeightedMean() for name in DISTILL_SCALARS[:4]}
         metrics["zero_ratio"] = GroupedRatio(1)
         metrics["zero_by_layer"] = GroupedRatio(len(layer_ids))
         metrics["zero_by_domain"] = GroupedRatio(max(len(domains), 1))
@@ -86,7 +113,7 @@ class DistillMetrics(MetricCollection):
 
     def results(self) -> dict[str, Tensor]:
         """``{name: value}`` for everything seen: the scalars, ``zero_ratio/layer_{i}`` and ``zero_ratio/{domain}``."""
-        out = {name: self[name].compute() for name in DISTILL_SCALARS[:4] if self[name].update_count}
+        out = {name: self[name].compute() for name in DISTILL_SCALARS[:4] if self[name].update_count}  # token-weighted
         if bool(self["zero_ratio"].seen().any()):
             total = self["zero_ratio"].compute().reshape(())  # synced over processes, like every compute()
             out["zero_ratio"] = total
