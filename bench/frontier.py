@@ -136,7 +136,7 @@ def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10
             den += n_tok
         return num / den
 
-    p, _ = bisect_monotone(share, target, 1e-3, 1.0, iters=iters, increasing=False)
+    p, _ = bisect_monotone(share, target, 1e-3, 1.0, iters=iters, increasing=False, midpoint=True)
     return round(p, 4)
 
 

@@ -55,3 +55,9 @@ def test_unreachable_target_returns_the_nearest_end_and_bad_brackets_are_refused
         bisect_monotone(lambda x: x, 0.5, 1.0, 0.0)
     with pytest.raises(ValueError, match="lo < 0 < hi"):
         bisect_monotone(lambda x: x, 0.5, 0.001, 1.0, grow_until=10)
+
+
+def test_midpoint_returns_the_final_brackets_middle():
+    """[0, 1] halved three times towards 0.3 on f(x) = x: brackets [0, .5], [.25, .5], [.25, .375] -> 0.3125."""
+    x, fx = bisect_monotone(lambda v: v, 0.3, 0.0, 1.0, iters=3, midpoint=True)
+    assert x == 0.3125 and fx == 0.3125

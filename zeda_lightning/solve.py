@@ -17,6 +17,7 @@ def bisect_monotone(
     increasing: bool = True,
     grow_until: float | None = None,
     tol: float | None = None,
+    midpoint: bool = False,
 ) -> tuple[float, float]:
     """``(x, f(x))`` with ``f(x)`` closest to ``target``, for ``f`` monotone on the bracket (a step function too).
 
@@ -24,7 +25,9 @@ def bisect_monotone(
     first by doubling: ``lo`` (< 0) while ``f(lo)`` is still past the target, ``hi`` (> 0) while ``f(hi)`` falls
     short, each until its magnitude reaches ``grow_until``. Then ``iters`` bisection steps, and the bracket end
     whose value is closer to ``target`` is returned (``lo`` on a tie). With ``tol``, the first midpoint within
-    ``tol`` of the target is returned at once. An unreachable target returns the nearer end, so check ``f(x)``.
+    ``tol`` of the target is returned at once; ``midpoint=True`` returns the final bracket's midpoint instead of an
+    end (a knob between the two, as the frontier's top-p calibration always chose). An unreachable target returns
+    the nearer end, so check ``f(x)``.
     """
     if not lo < hi:
         raise ValueError(f"bisect_monotone: need lo < hi, got [{lo}, {hi}]")
@@ -55,4 +58,7 @@ def bisect_monotone(
             lo, f_lo = mid, f_mid
         else:
             hi, f_hi = mid, f_mid
+    if midpoint:
+        mid = (lo + hi) / 2
+        return mid, f(mid)
     return (lo, f_lo) if abs(f_lo - target) <= abs(f_hi - target) else (hi, f_hi)
