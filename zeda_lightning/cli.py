@@ -34,6 +34,7 @@ from zeda_lightning.generate import generate_responses
 from zeda_lightning.modules.base import TrainModuleBase
 from zeda_lightning.runlock import RunLock, launching_process
 from zeda_lightning.sharding import consolidate_main
+from zeda_lightning.slices import slice_main
 
 PROG = "python -m zeda_lightning"
 
@@ -137,6 +138,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "estimate": Subcommand(estimate_main, reads_config=True),
     "consolidate": Subcommand(consolidate_main),
     "demo": Subcommand(demo_main),
+    "slice": Subcommand(slice_main),
 }
 
 

@@ -50,6 +50,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     ),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16,
                     layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
+    "dots1": dict(
+        moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=0, head_dim=8, norm_topk_prob=True,
+    ),
+    "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0, eos_token_id=1),
 }
 
 FAMILIES: tuple[str, ...] = tuple(TINY_OVERRIDES)

@@ -5,11 +5,18 @@ Supported ``model_type`` values are the keys of :data:`ADAPTERS`; each lives in 
 
 from zeda_lightning.adapters import (  # noqa: F401  (registration side effect)
     deepseek_v3,
+    dots1,
+    ernie4_5_moe,
+    flex_olmo,
     glm4_moe,
     glm4_moe_lite,
     gpt_oss,
+    granitemoe,
+    hunyuan_v1_moe,
+    lfm2_moe,
     mixtral,
     olmoe,
+    phimoe,
     qwen2_moe,
     qwen3_moe,
     qwen3_next,

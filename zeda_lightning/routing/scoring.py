@@ -183,6 +183,21 @@ class LogitTopKSoftmaxScoring(RouterScoring):
         return torch.nan_to_num(weights, nan=0.0)  # all slots masked: softmax of -inf row is NaN -> 0
 
 
+class GraniteMoeScoring(LogitTopKSoftmaxScoring):
+    """GraniteMoE: bias-free logits, top-k on the logits taken in fp32, softmax over the k picked logits in fp32,
+    weights cast back to the logits' dtype (the original's ``type_as(hidden_states)``)."""
+
+    def select(self, logits, num_real, k, correction_bias=None):
+        top_value, indices = logits.float().topk(k, dim=-1)  # (T, k) fp32
+        return indices, top_value
+
+    def gather_scores(self, logits, indices):
+        return logits.float().gather(1, indices)
+
+    def combine(self, top_scores, logits_dtype, norm_mask=None):
+        return super().combine(top_scores, logits_dtype, norm_mask).to(logits_dtype)
+
+
 def compute_dtype(h: Tensor) -> torch.dtype:
     """The dtype the original router's logits would have for input ``h``: autocast's when it is on, else ``h``'s.
     Combine weights are cast to it, so the experts see what the original model gives them."""
