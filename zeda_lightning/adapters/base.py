@@ -35,6 +35,8 @@ class FamilyAdapter:
     scoring_cls: ClassVar[type[RouterScoring]]
     #: attribute of the MoE block that holds the router
     router_attr: ClassVar[str] = "gate"
+    #: why the family cannot be injected (named in the ``ValueError`` every use raises), or ``None``
+    unsupported: ClassVar[str | None] = None
 
     def router_class(self) -> type[nn.Module]:
         module, _, name = self.router_path.partition(":")
@@ -49,6 +51,8 @@ class FamilyAdapter:
 
     def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(qualified name, block)`` for every MoE block, original or already injected."""
+        if self.unsupported is not None:
+            raise ValueError(self.unsupported)
         cls = self.router_class()
         return [
             (name, mod)

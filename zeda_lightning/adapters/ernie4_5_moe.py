@@ -8,17 +8,13 @@ bias: the masked model would not be the original, and the checkpoint's key could
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
 
-REASON = (
-    "ernie4_5_moe is not supported: its router's correction bias lives in a nested module "
-    "(gate.moe_statics.e_score_correction_bias, shape (1, N)), not on the router, so the injected router would "
-    "select without it and the masked model would not reproduce the original"
-)
-
 
 @register_adapter
 class Ernie4_5_MoeAdapter(FamilyAdapter):
     model_type = "ernie4_5_moe"
     router_path = "transformers.models.ernie4_5_moe.modeling_ernie4_5_moe:Ernie4_5_MoeTopKRouter"
-
-    def find_blocks(self, model):
-        raise ValueError(REASON)
+    unsupported = (
+        "ernie4_5_moe is not supported: its router's correction bias lives in a nested module "
+        "(gate.moe_statics.e_score_correction_bias, shape (1, N)), not on the router, so the injected router would "
+        "select without it and the masked model would not reproduce the original"
+    )

@@ -9,17 +9,13 @@ logits' dtype, would be ``SoftmaxTopKScoring``.)
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
 
-REASON = (
-    "hunyuan_v1_moe is not supported: its router HunYuanMoEV1Gate keeps its weight in a nested nn.Linear "
-    "(gate.wg.weight), not in a 'weight' of its own, so inject can neither copy the original rows into the new "
-    "router nor keep the checkpoint's parameter names"
-)
-
 
 @register_adapter
 class HunYuanMoEV1Adapter(FamilyAdapter):
     model_type = "hunyuan_v1_moe"
     router_path = "transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe:HunYuanMoEV1Gate"
-
-    def find_blocks(self, model):
-        raise ValueError(REASON)
+    unsupported = (
+        "hunyuan_v1_moe is not supported: its router HunYuanMoEV1Gate keeps its weight in a nested nn.Linear "
+        "(gate.wg.weight), not in a 'weight' of its own, so inject can neither copy the original rows into the new "
+        "router nor keep the checkpoint's parameter names"
+    )

@@ -8,17 +8,13 @@ the zero-expert slots.
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
 
-REASON = (
-    "lfm2_moe is not supported: its MoE block keeps the selection bias (expert_bias, a buffer of the block, not "
-    "of the router) and passes it to the router as a second forward argument, which an injected router neither "
-    "accepts nor can grow over the zero-expert slots"
-)
-
 
 @register_adapter
 class Lfm2MoeAdapter(FamilyAdapter):
     model_type = "lfm2_moe"
     router_path = "transformers.models.lfm2_moe.modeling_lfm2_moe:Lfm2MoeTopKRouter"
-
-    def find_blocks(self, model):
-        raise ValueError(REASON)
+    unsupported = (
+        "lfm2_moe is not supported: its MoE block keeps the selection bias (expert_bias, a buffer of the block, not "
+        "of the router) and passes it to the router as a second forward argument, which an injected router neither "
+        "accepts nor can grow over the zero-expert slots"
+    )

@@ -9,17 +9,13 @@ select + combine with no training mode, so the rule could not be kept exactly wh
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
 
-REASON = (
-    "phimoe is not supported: its SparseMixer router always picks two experts sequentially and, in training, "
-    "samples them with Gumbel noise and a custom Heun-estimator backward (PhimoeMultiplier); a deterministic "
-    "RouterScoring cannot keep that rule exactly while the injected router trains"
-)
-
 
 @register_adapter
 class PhimoeAdapter(FamilyAdapter):
     model_type = "phimoe"
     router_path = "transformers.models.phimoe.modeling_phimoe:PhimoeTopKRouter"
-
-    def find_blocks(self, model):
-        raise ValueError(REASON)
+    unsupported = (
+        "phimoe is not supported: its SparseMixer router always picks two experts sequentially and, in training, "
+        "samples them with Gumbel noise and a custom Heun-estimator backward (PhimoeMultiplier); a deterministic "
+        "RouterScoring cannot keep that rule exactly while the injected router trains"
+    )
