@@ -7,15 +7,15 @@ is resolved from a file the user did not write.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
+from zeda_lightning.losses.component import Component, from_saved_config
 from zeda_lightning.losses.kd import cross_entropy, forward_kl, jsd, reverse_kl
 
 
-class Objective:
+class Objective(Component):
     """``loss = objective(student_logits (B, S, V), teacher_logits (B, S, V) | None, labels (B, S))``: the mean
     per-token loss of predicting token t+1 at position t, over positions whose label is not -100."""
 
@@ -33,15 +33,6 @@ class Objective:
     def loss(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> Tensor:
         """The loss on already shifted tensors (student / teacher (B, S-1, V), labels (B, S-1))."""
         raise NotImplementedError
-
-    def to_config(self) -> dict[str, Any]:
-        cls = type(self)
-        params = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-                "init_args": {k: getattr(self, k) for k in params if hasattr(self, k)}}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_config()['init_args'].items())})"
 
 
 class SFT(Objective):
@@ -88,21 +79,6 @@ class JSD(Objective):
 
 #: shorthand names accepted in YAML (``objective: forward_kl``), built with the module's ``kl_temperature`` / ``beta``
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
-
-
-def from_saved_config(cfg: Any, classes: list[type], where: str) -> Any:
-    """Rebuild a component from its ``to_config()`` (saved in a checkpoint's hyperparameters): only the package's
-    own classes, by exact ``class_path``, with numeric init_args; nothing is imported because a file named it."""
-    known = {f"{c.__module__}.{c.__qualname__}": c for c in classes}
-    if not isinstance(cfg, dict) or cfg.get("class_path") not in known or not isinstance(cfg.get("init_args", {}), dict):
-        raise ValueError(f"{where}: {cfg!r} is not a saved config of one of {sorted(known)}; a saved component is "
-                         "rebuilt only from this package's classes: set it in your YAML")
-    cls, init = known[cfg["class_path"]], dict(cfg.get("init_args") or {})
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    bad = [k for k, v in init.items() if k not in params or not isinstance(v, (int, float)) or isinstance(v, bool)]
-    if bad:
-        raise ValueError(f"{where}: {cls.__name__} init_args {bad} are unknown or not numbers")
-    return cls(**init)
 
 
 def make_objective(spec: str | Objective | dict, *, temperature: float = 1.0, beta: float = 0.5) -> Objective:

@@ -5,18 +5,17 @@ variants names the capability it needs (``requires``), which the training module
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from zeda_lightning.losses.objectives import from_saved_config
+from zeda_lightning.losses.component import Component, from_saved_config
 from zeda_lightning.losses.routing import total_group_aux_loss, total_router_z_loss, total_switch_load_balance_loss
 
 
-class RouterLoss:
+class RouterLoss(Component):
     """``loss = router_loss(records, token_mask (T,))``; ``records`` are one forward's per-layer routing records
     (``RouterOutput``: router_logits, pool_indices, num_experts, top_k, score_func)."""
 
@@ -26,16 +25,6 @@ class RouterLoss:
     def __call__(self, records: Sequence, token_mask: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def to_config(self) -> dict[str, Any]:
-        cls = type(self)
-        params = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
-        init = {k: getattr(self, k) for k in params if hasattr(self, k)}
-        if "terms" in init:
-            init["terms"] = [t.to_config() for t in init["terms"]]
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_config()['init_args'].items())})"
 
 
 def _zero(records: Sequence) -> Tensor:
