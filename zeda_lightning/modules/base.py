@@ -133,17 +133,25 @@ class TrainModuleBase(L.LightningModule):
                 return model
         return None
 
+    def nonfinite_weights(self, named_tensors, what: str) -> tuple[FloatingPointError | None, bool]:
+        """This process's error for NaN / inf in ``named_tensors`` (``None`` if they are finite), and whether any
+        process found one (a collective when a trainer runs: every rank must call it)."""
+        error = None
+        try:
+            check_finite_state(named_tensors, what)
+        except FloatingPointError as err:
+            error = err
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return error, error is not None
+        return error, trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+
     def _check_weights(self, what: str) -> None:
         model = self._trained_model()
         if model is None:
             return
-        error = None
-        try:
-            check_finite_state(model.named_parameters(), what)
-        except FloatingPointError as err:
-            error = err
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        error, anywhere = self.nonfinite_weights(model.named_parameters(), what)
+        if anywhere and getattr(self, "_trainer", None) is not None:
             raise DivergenceError(f"step {self.global_step}: {error or what + ': NaN or inf on another rank'}; "
                                   "nothing was written; resume from the last checkpoint with a lower learning rate")
         if error is not None:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from typing_extensions import override
 
 from zeda_lightning.analysis import slot_counts, zero_ratio
-from zeda_lightning.checkpointing import check_finite_state, check_fits, checkpoint_meta
+from zeda_lightning.checkpointing import check_fits, checkpoint_meta
 from zeda_lightning.losses.objectives import Objective, make_objective
 from zeda_lightning.losses.router_losses import RouterLoss, make_router_loss
 from zeda_lightning.metrics import DistillMetrics
@@ -145,15 +145,10 @@ class ZedaDistillModule(TrainModuleBase):
 
     def _check_teacher_weights(self) -> None:
         """A teacher with NaN / inf weights would poison every loss: refused before the first step."""
-        error = None
-        try:
-            check_finite_state((self.teacher or self.student).named_parameters(), f"teacher {self.teacher_path}")
-        except FloatingPointError as err:
-            error = err
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        error, anywhere = self.nonfinite_weights((self.teacher or self.student).named_parameters(),
+                                                 f"teacher {self.teacher_path}")
+        if anywhere:
             error = error or FloatingPointError(f"teacher {self.teacher_path}: NaN or inf weights on another rank")
-        if error is not None:
             raise ValueError(f"{error}; the teacher must be finite: re-download or re-export it")
 
     # -- override points -------------------------------------------------------------------------------------
