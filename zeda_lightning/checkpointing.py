@@ -29,18 +29,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 
-from zeda_lightning.fsio import atomic_write, fsync_path
+from zeda_lightning.fsio import atomic_write, fsync_replace
 from zeda_lightning.routing.base import routing_from_config
 
 _DCP_METADATA = ".metadata"
 _STAGING = ".{name}.zeda-staging"  # a distributed checkpoint being written
 _PREVIOUS = ".{name}.zeda-previous"  # the one it replaces, until the swap is done
-
-
-def fsync_replace(tmp: str, target: str) -> None:
-    """``os.replace``, then fsync the directory so the rename is durable."""
-    os.replace(tmp, target)
-    fsync_path(os.path.dirname(os.path.abspath(target)) or ".")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -31,12 +31,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        fsync_replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_path(directory)
+
+
+def fsync_replace(src: str, dst: str) -> None:
+    """``os.replace``, then fsync the directory so the rename is durable."""
+    os.replace(src, dst)
+    fsync_path(os.path.dirname(os.path.abspath(dst)) or ".")
 
 
 @contextlib.contextmanager
@@ -92,8 +97,7 @@ def replace_dir(src: str, dst: str, *, remove: Callable[[str], None] = shutil.rm
         except OSError:
             pass
     else:
-        os.replace(src, dst)  # over nothing, or over an empty directory
-        fsync_path(parent)
+        fsync_replace(src, dst)  # over nothing, or over an empty directory
 
 
 def finalise_tree(root: str) -> None:
