@@ -127,7 +127,7 @@ def test_more_gpus_shard_the_states_further():
     a, b = by(eight, "full", "fsdp2")["breakdown_gib"], by(sixteen, "full", "fsdp2")["breakdown_gib"]
     for key in ("student", "grads", "optimizer", "teacher"):
         assert b[key] == pytest.approx(a[key] / 2, rel=1e-3)
-    assert b["gathered_layers"] == a["gathered_layers"]  # one layer unsharded at a time, whatever the GPU count
+    assert b["gathered"] == a["gathered"]  # one unit (and the next) unsharded at a time, whatever the GPU count
 
 
 def tiny_config(path, drop_batch_size: bool = False, **model_args) -> str:

@@ -8,15 +8,20 @@ injected, and the memory per GPU is counted from the tensors' shapes:
     student parameters  P_s x storage bytes / W         (fp32 masters under bf16-mixed; bf16 under bf16-true)
     gradients           trainable x storage bytes / W  (FSDP2: per parameter; FSDP1: every flat parameter that
                                                         holds a trainable one, frozen parts included)
-    optimiser (AdamW)   2 x trainable x 4 bytes / W
+    optimiser (AdamW)   2 x trainable x storage bytes / W  (its moments take the parameters' dtype)
     teacher             P_t x compute bytes / W         (frozen: stored in the compute dtype, no grads, no state)
-    gathered layers     2 student layers + 1 teacher layer unsharded in the compute dtype (FSDP's prefetch)
+    gathered            3 x the largest FSDP unit in the compute dtype (a decoder layer, or the embeddings or the
+                        head, each its own unit): the unit in use plus the next one's all-gather buffer and copied-out
+                        parameters (measured on the Qwen3-30B-A3B slice: +3.5 GB per process over 1.2 GB units)
     logits              B x S x V x 4 bytes x 3          (student logits, their gradient, teacher logits; fp32;
                                                         on-policy: B = prompts x num_samples, S = prompt + response)
     layer inputs        L x B x S x H x compute bytes    (kept for the recompute, with activation checkpointing)
+    activations         B x S x a x compute bytes x (L + 1), or x 2 with activation checkpointing: what one layer
+                        keeps for backward (``activation_values_per_token``: a per token) for every layer, or for
+                        the one being recomputed, plus its gradients
 
-W = devices x num_nodes (``ddp`` keeps a full copy per GPU). Activations inside a layer are not counted; with
-activation checkpointing they are one layer's worth at a time.
+W = devices x num_nodes (``ddp`` keeps a full copy per GPU). Not counted: the process's fixed part (interpreter,
+libraries, communication buffers; ~0.5 GB per process on CPU) and allocator slack.
 """
 
 from __future__ import annotations
@@ -63,13 +68,38 @@ def _numel(model: nn.Module) -> int:
 
 
 def _units(model: nn.Module) -> list[list[str]]:
-    """Parameter names per FSDP unit: one per decoder layer, the rest in the root."""
+    """Parameter names per FSDP2 unit, as ``sharding.shard`` makes them: one per decoder layer, the input
+    embeddings and the output head (one unit if tied), the rest in the root."""
     layers = decoder_layers(model)
-    prefix = {id(layer): None for layer in layers}
-    names = {id(m): n for n, m in model.named_modules() if id(m) in prefix}
-    units = [[p for p, _ in model.named_parameters() if p.startswith(names[id(layer)] + ".")] for layer in layers]
+    modules = list(layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and not (head is not None and head.weight is embed.weight):
+        modules += [embed] + ([head] if head is not None else [])
+    names = {id(m): n for n, m in model.named_modules()}
+    units = [[p for p, _ in model.named_parameters() if p.startswith(names[id(m)] + ".")] for m in modules]
     inside = {p for u in units for p in u}
     return units + [[p for p, _ in model.named_parameters() if p not in inside]]
+
+
+def activation_values_per_token(cfg) -> int:
+    """Activation values one MoE decoder layer keeps per token for its backward (compute dtype): the hidden-size
+    tensors around attention and the MoE block (norm outputs, projections, residuals), q / k / v with their rotated
+    copies and the attention output, the router's logits and probabilities, and per routed slot the gathered input,
+    gate / up / activation / product / down outputs and the weighted output (every slot counted: zero slots are not
+    known in advance, so this is an upper bound). Shared experts add their own MLP."""
+    hidden = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (
+        (getattr(cfg, "qk_nope_head_dim", 0) + getattr(cfg, "qk_rope_head_dim", 0)) or hidden // heads)
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", None) or 1
+    experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
+               or getattr(cfg, "num_local_experts", None) or 0)
+    shared = (getattr(cfg, "n_shared_experts", None) or 0) * inter + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
+    attention = 3 * heads * head_dim + 4 * kv_heads * head_dim
+    router = 2 * experts * 2  # fp32 logits and probabilities, in compute-dtype units (x2 for bf16)
+    return 6 * hidden + attention + router + top_k * (3 * hidden + 4 * inter) + (4 * shared + 2 * hidden if shared else 0)
 
 
 def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision: str, batch_size: int,
@@ -77,17 +107,23 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
              presets=PRESETS, strategies=STRATEGIES) -> list[Estimate]:
     student = build_empty(model_dir)
     teacher_params = _numel(student) if teacher_mode == "separate" else 0
-    teacher_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(student))
+    teacher_sizes = dict((n, p.numel()) for n, p in student.named_parameters())
+    teacher_unit = max(sum(teacher_sizes[n] for n in u) for u in _units(student))
     inject(student, routing, init=False)
     params = _numel(student)
     sizes = dict((n, p.numel()) for n, p in student.named_parameters())
-    student_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(student))
     storage = 2 if precision == "bf16-true" else 4
     compute = 2 if precision.startswith("bf16") else 4
     cfg = student.config
     units = _units(student)
-    logits = batch_size * seq_len * cfg.vocab_size * 4 * 3
-    inputs = cfg.num_hidden_layers * batch_size * seq_len * cfg.hidden_size * compute if activation_checkpointing else 0
+    largest_unit = max(max(sum(sizes[n] for n in u) for u in units), teacher_unit if teacher_params else 0)
+    tokens = batch_size * seq_len
+    logits = tokens * cfg.vocab_size * 4 * 3
+    layer_acts = tokens * activation_values_per_token(cfg) * compute
+    inputs = cfg.num_hidden_layers * tokens * cfg.hidden_size * compute if activation_checkpointing else 0
+    # kept for backward: with checkpointing one layer's recompute at a time, else every layer; plus one layer's
+    # gradients of them while it runs backward
+    activations = (1 if activation_checkpointing else cfg.num_hidden_layers) * layer_acts + layer_acts
     out = []
     for preset in presets:
         trainable_names = _trainable_names(student, preset)
@@ -102,11 +138,14 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
             parts = {
                 "student": params * storage / shards,
                 "grads": grad_numel * storage / shards,
-                "optimizer": 2 * trainable * 4 / shards,
+                "optimizer": 2 * trainable * storage / shards,  # AdamW moments in the parameters' dtype
                 "teacher": teacher_params * compute / shards,
-                "gathered_layers": 0 if strategy == "ddp" else (2 * student_layer + (teacher_layer if teacher_params else 0)) * compute,
+                # FSDP: one unit in use while the next is gathered (its all-gather buffer and its copied-out
+                # parameters at once), so three of the largest unit's size at the peak
+                "gathered": 0 if strategy == "ddp" else 3 * largest_unit * compute,
                 "logits": logits,
                 "layer_inputs": inputs,
+                "activations": activations,
             }
             out.append(Estimate(preset, strategy, world, params, trainable, teacher_params,
                                 round(sum(parts.values()) / GIB, 2), {k: round(v / GIB, 3) for k, v in parts.items()}))

@@ -267,13 +267,24 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> None:
 
 def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, activation_checkpointing: bool = False,
           reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, head), with FSDP2."""
+    """``fully_shard`` every decoder layer, the input embeddings and the output head (each its own unit unless
+    tied), then the root (final norm and the rest), with FSDP2.
+
+    Embeddings and head as units of their own are gathered one at a time (the embeddings at the start of the
+    forward, the head at its end): with a 150k vocabulary each is as large as a whole MoE layer, and a root unit
+    holding both would keep both gathered through the whole forward.
+    """
     layers = decoder_layers(model)
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units = list(layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    if embed is not None and not tied:
+        units += [embed, head] if head is not None else [embed]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # transformers' generate then keeps every rank stepping until all are done (synced_gpus), as FSDP needs
     model._is_fsdp_managed_module = True
@@ -332,6 +343,55 @@ def gathered(model: nn.Module):
     finally:
         for m in reversed(units):
             m.reshard()
+
+
+@contextlib.contextmanager
+def unsharded_for_generation(model: nn.Module):
+    """The whole FSDP2 ``model`` gathered once for a generation loop (collective: all ranks enter it).
+
+    Inside, no forward all-gathers or reshards, so each rank decodes its own prompts without collectives (pass
+    ``synced_gpus=False`` to ``generate``); on exit every unit reshards after forward again, as ``shard`` built it.
+    Parameters are in the compute dtype while gathered (the mixed-precision policy's), exactly as in a forward.
+    """
+    model.set_reshard_after_forward(False)
+    try:
+        with gathered(model):
+            yield model
+    finally:
+        model.set_reshard_after_forward(True)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Free memory one process may use: the device's free memory, or on CPU the host's available memory split
+    between the processes of this node."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def unsharded_bytes(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
+    """Bytes the gathered parameters of ``model`` take beyond this rank's shards (in ``compute_dtype``, the
+    mixed-precision policy's, else their storage dtype)."""
+    total = 0
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            itemsize = (compute_dtype or p.dtype).itemsize
+            total += (p.numel() - p.to_local().numel()) * itemsize
+    return total
+
+
+def fits_unsharded(model: nn.Module, compute_dtype: torch.dtype | None = None, headroom: float = 0.75) -> bool:
+    """Whether every rank can hold ``model`` gathered within ``headroom`` of its free memory (the same answer on
+    all ranks: the smallest margin decides)."""
+    device = next(p.device for p in model.parameters())
+    need = unsharded_bytes(model, compute_dtype)
+    margin = torch.tensor([headroom * _available_bytes(device) - need], dtype=torch.float64,
+                          device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(margin, op=torch.distributed.ReduceOp.MIN)
+    return bool(margin.item() >= 0)
 
 
 def is_sharded(model: nn.Module) -> bool:

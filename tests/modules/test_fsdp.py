@@ -323,3 +323,62 @@ def test_every_trainable_preset_trains_under_fsdp2_with_a_frozen_sharded_teacher
         elif preset == "router_and_experts":
             assert r["trainable"] == r["routers"] | r["experts"] and r["experts"]
     assert len(report[("full", "separate")]["trainable"]) > len(report[("router_and_experts", "separate")]["trainable"])
+
+
+def _rollouts_under_fsdp2(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from zeda_lightning.modules import OnPolicyDistillModule
+        from zeda_lightning.modules.builders import build_fsdp2
+        from zeda_lightning.routing import ZeroExperts
+
+        gathers = [0]
+        all_gather = dist.all_gather_single
+
+        def counting(*args, **kwargs):  # FSDP2's all-gather of one unit's shards
+            gathers[0] += 1
+            return all_gather(*args, **kwargs)
+
+        dist.all_gather_single = counting
+        mesh = init_device_mesh("cpu", (world,))
+        # different prompts per rank: lockstep decoding and independent decoding must still agree
+        ids = torch.randint(3, 2048, (2, 6), generator=torch.Generator().manual_seed(10 + rank))
+        mask = torch.ones_like(ids)
+        report = {}
+        for mode in ("per_layer", "once", "auto"):
+            module = OnPolicyDistillModule(teacher=TEACHER, routing=ZeroExperts(seed=0), num_samples=2,
+                                           max_new_tokens=12, rollout_gather=mode)
+            module.use_models(build_fsdp2(module.spec, mesh, torch.float32, None))
+            units = sum(1 for m in module.student.modules() if type(m).__name__.startswith("FSDP"))
+            gathers[0] = 0
+            rollout = module.sample(ids, mask, seed=5)
+            report[mode] = {"gathers": gathers[0], "units": units, "seq": rollout["input_ids"],
+                            "response_mask": rollout["response_mask"], "replay": rollout["replay"],
+                            "sharded_after": all(isinstance(p, torch.distributed.tensor.DTensor)
+                                                 for p in module.student.parameters())}
+        torch.save(report, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_rollouts_gathered_once_match_the_per_layer_path(tmp_path):
+    """``rollout_gather: once`` gathers each FSDP unit once per rollout (not once per decode step) and samples
+    exactly what the lockstep per-layer path samples; the student is sharded again afterwards."""
+    out = tmp_path / "rollouts"
+    mp.spawn(_rollouts_under_fsdp2, args=(2, _free_port(), str(out)), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(f"{out}.{rank}", weights_only=False)
+        per_layer, once, auto = r["per_layer"], r["once"], r["auto"]
+        assert once["gathers"] == once["units"]  # one all-gather per unit for the whole rollout
+        assert per_layer["gathers"] >= 10 * per_layer["units"]  # re-gathered at every decode step
+        assert auto["gathers"] == auto["units"]  # the tiny student fits: auto gathers once
+        for other in (once, auto):
+            assert torch.equal(other["seq"], per_layer["seq"])
+            assert torch.equal(other["response_mask"], per_layer["response_mask"])
+            assert other["replay"].keys() == per_layer["replay"].keys()
+            assert all(torch.equal(other["replay"][k], per_layer["replay"][k]) for k in per_layer["replay"])
+            assert other["sharded_after"]

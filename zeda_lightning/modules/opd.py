@@ -10,11 +10,14 @@ of the single-sample estimate; ``lmbda < 1`` mixes in off-policy batches (GKD st
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 from typing_extensions import override
 
@@ -24,6 +27,7 @@ from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage
 from zeda_lightning.modules.distill import ZedaDistillModule
 from zeda_lightning.routing.base import capture_routing
 from zeda_lightning.sampling import eos_token_ids, seeded
+from zeda_lightning.sharding import fits_unsharded, is_sharded, param_dtypes, unsharded_for_generation
 
 
 def _positions(attention_mask: Tensor) -> Tensor:
@@ -45,6 +49,10 @@ class OnPolicyDistillModule(ZedaDistillModule):
     lmbda: probability that a step is on-policy; otherwise the batch's own prompt + response rows are used with
         ``objective`` (GKD's mix).
     seed: seed of the sampler and of the on/off-policy draw.
+    rollout_gather: how a sharded (FSDP2) student generates. ``once``: every layer gathered once per rollout, each
+        rank then decodes alone (TRL's ``unwrap_model_for_generation``); ``per_layer``: each layer re-gathered at
+        every decode step with all ranks in lockstep (``synced_gpus``); ``auto``: ``once`` when the gathered student
+        fits every rank's free memory (75 % of it), else ``per_layer``. FSDP1 always runs ``per_layer``.
     """
 
     def __init__(
@@ -61,6 +69,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         rollout_reuse: int = 1,
         lmbda: float = 1.0,
         seed: int = 0,
+        rollout_gather: Literal["auto", "once", "per_layer"] = "auto",
         **kwargs: Any,
     ) -> None:
         if num_samples < 1:
@@ -74,6 +83,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         if kwargs.get("temperature") is not None:
             raise ValueError("OnPolicyDistillModule: 'temperature' was renamed: set sampling_temperature (the "
                              "student's sampling temperature) and, for off-policy steps, kl_temperature")
+        if rollout_gather not in ("auto", "once", "per_layer"):
+            raise ValueError(f"rollout_gather must be 'auto', 'once' or 'per_layer', got {rollout_gather!r}")
         if sampling_temperature <= 0:
             raise ValueError(f"sampling_temperature must be > 0 (on-policy rollouts sample), got {sampling_temperature}")
         kwargs.setdefault("objective", "reverse_kl")
@@ -88,6 +99,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
         self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
+        self.rollout_gather = rollout_gather
+        self._gather_said: bool | None = None
         self._rollouts: dict[int, tuple[int, dict[str, Any]]] = {}  # micro-batch slot -> (step sampled, rollout)
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -121,6 +134,25 @@ class OnPolicyDistillModule(ZedaDistillModule):
             self._pad_eos = (int(pad), eos)
         return self._pad_eos
 
+    @contextlib.contextmanager
+    def generation_weights(self):
+        """The student's weights as the generation loop should see them; yields ``synced_gpus`` for ``generate``
+        (``None``: transformers decides, i.e. lockstep under FSDP)."""
+        student = self.student
+        if not (isinstance(student, FSDPModule) and is_sharded(student)) or self.rollout_gather == "per_layer":
+            yield None
+            return
+        compute = param_dtypes(self._trainer)[1] if self._trainer is not None else None
+        once = self.rollout_gather == "once" or fits_unsharded(student, compute)
+        if self._gather_said is not once:
+            rank_zero_info(f"rollouts: the sharded student is {'gathered once per rollout' if once else 're-gathered layer by layer at every decode step (the gathered student does not fit)'}")
+            self._gather_said = once
+        if not once:
+            yield None
+            return
+        with unsharded_for_generation(student):
+            yield False
+
     @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int | None = None) -> dict[str, Tensor]:
         """Student rollouts with their recorded routing.
@@ -136,11 +168,12 @@ class OnPolicyDistillModule(ZedaDistillModule):
         gen = torch.Generator(device="cpu").manual_seed(self.seed if seed is None else seed)
         sample_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         start = time.perf_counter()
-        with capture_routing(student, accumulate=True) as records, seeded(sample_seed, prompt_ids.device):
+        with (self.generation_weights() as synced, capture_routing(student, accumulate=True) as records,
+              seeded(sample_seed, prompt_ids.device)):
             seq = student.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.sampling_temperature,
                 top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples,
-                pad_token_id=pad, eos_token_id=eos,
+                pad_token_id=pad, eos_token_id=eos, synced_gpus=synced,
             )
         elapsed = time.perf_counter() - start
         student.train(was_training)
@@ -165,6 +198,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
             "prompt_len": plen,
             "replay": replay,
             "tokens_per_s": float(response_mask.sum()) / max(elapsed, 1e-9),
+            "sample_s": elapsed,
         }
 
     def rollout_forward(self, rollout: dict[str, Any]) -> tuple[Tensor, dict]:
@@ -175,6 +209,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
     def make_rollout(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """Sample, then score: teacher log-probs and the sampler's (old) log-probs of the sampled tokens."""
         rollout = self.sample(batch["prompt_ids"], batch["prompt_mask"], seed=self.seed + self.global_step)
+        start = time.perf_counter()
         p = rollout["prompt_len"]
         response = rollout["input_ids"][:, p:]
         teacher_logits = self.teacher_forward(rollout)[:, p - 1 : -1]  # (R, G, V) predicting the response
@@ -190,6 +225,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         rollout["reverse_kl"] = token_kl(old_log_probs, teacher_log_probs)
         if self.exact_reverse_kl:
             rollout["teacher_log_probs"] = teacher_log_probs
+        rollout["score_s"] = time.perf_counter() - start
         return rollout
 
     # -- training -----------------------------------------------------------------------------------------------
@@ -208,7 +244,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         slot = batch_idx % max(1, accumulate)
         cached = self._rollouts.get(slot)
         fresh = self.global_step % self.rollout_reuse == 0 and (cached is None or cached[0] != self.global_step)
-        if cached is None or fresh:
+        made = cached is None or fresh
+        if made:
             self._rollouts[slot] = (self.global_step, self.make_rollout(batch))
         rollout = self._rollouts[slot][1]
         p = rollout["prompt_len"]
@@ -237,8 +274,20 @@ class OnPolicyDistillModule(ZedaDistillModule):
             "reverse_kl_estimate": masked_mean(rollout["old_logp"] - rollout["teacher_logp"], mask),
             "clip_fraction": clip_fraction.to(loss.device), "zero_ratio": zero_ratio(records, token_mask),
             "sampling_tokens_per_s": rollout["tokens_per_s"], "response_tokens": mask.sum().float() / bs,
+            # where a step's time goes: sampling, scoring (teacher + old log-probs), the rest is the update
+            "time_sample_s": rollout["sample_s"] if made else 0.0, "time_score_s": rollout["score_s"] if made else 0.0,
         }, bs)
         return loss
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx):
+        self._batch_start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """The whole step (rollout, update forward, backward, optimiser), beside the parts logged in the step."""
+        if getattr(self, "_batch_start", None) is not None:
+            self.log("train/time_step_s", time.perf_counter() - self._batch_start, batch_size=1, sync_dist=True)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
