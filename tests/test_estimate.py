@@ -173,3 +173,34 @@ def test_estimate_refuses_what_fit_would_refuse_to_parse(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         run_estimate("--config", cfg, "--model.init_args.no_such_argument", "1")
     assert err.value.code == 2 and "no_such_argument" in capsys.readouterr().err
+
+
+def test_activations_per_token_match_what_a_layer_saves_for_backward():
+    """The estimate's activation term against the bytes autograd actually keeps for one MoE decoder layer of the
+    tiny teacher (every slot real: zero experts masked), counted with saved-tensor hooks, each storage once."""
+    from zeda_lightning.adapters import inject
+    from zeda_lightning.estimate import activation_values_per_token
+    from zeda_lightning.export import from_pretrained
+    from zeda_lightning.sharding import decoder_layers
+
+    model = inject(from_pretrained(os.path.join(ROOT, "assets/tiny_teacher")), ZeroExperts(mask_zero=True, seed=0))
+    layer = decoder_layers(model)[1]
+    tokens = 256
+    hidden = torch.randn(1, tokens, model.config.hidden_size, requires_grad=True)
+    position_ids = torch.arange(tokens)[None]
+    embeddings = model.model.rotary_emb(hidden, position_ids)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:  # parameters are model states, not activations
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(hidden, position_embeddings=embeddings, position_ids=position_ids)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()  # the graph is real
+    saved = sum(storages.values()) - hidden.numel() * 4  # the layer's input is counted as "layer inputs"
+    pool = layer.mlp.gate.weight.shape[0]
+    estimated = tokens * activation_values_per_token(model.config, pool) * 4
+    assert 0.9 * saved <= estimated <= 1.15 * saved, (estimated, saved)

@@ -81,12 +81,19 @@ def _units(model: nn.Module) -> list[list[str]]:
     return units + [[p for p, _ in model.named_parameters() if p not in inside]]
 
 
-def activation_values_per_token(cfg) -> int:
-    """Activation values one MoE decoder layer keeps per token for its backward (compute dtype): the hidden-size
-    tensors around attention and the MoE block (norm outputs, projections, residuals), q / k / v with their rotated
-    copies and the attention output, the router's logits and probabilities, and per routed slot the gathered input,
-    gate / up / activation / product / down outputs and the weighted output (every slot counted: zero slots are not
-    known in advance, so this is an upper bound). Shared experts add their own MLP."""
+def activation_values_per_token(cfg, pool: int | None = None) -> int:
+    """Activation values one MoE decoder layer keeps per token for its backward (compute dtype), as autograd saves
+    them in transformers' layers (checked against saved-tensor hooks in the tests):
+
+        5 H                 norm outputs, projection inputs, the residual
+        4 (q + kv)          q and k / v projections, their norms and rotations (q = heads x head_dim, kv = kv
+                            heads x head_dim), the attention output (fused attention keeps no S x S scores)
+        2 pool              the router's probabilities over real + zero experts (fp32: 2 compute-dtype values)
+        K (H + 5 I)         per routed slot: the gathered input, gate / up output (2 I), SiLU input, product and
+                            the down projection's input; every slot counted (zero slots are not known in advance,
+                            so this is an upper bound)
+        H + 4 I_shared      a shared expert's MLP
+    """
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -97,9 +104,9 @@ def activation_values_per_token(cfg) -> int:
     experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
                or getattr(cfg, "num_local_experts", None) or 0)
     shared = (getattr(cfg, "n_shared_experts", None) or 0) * inter + (getattr(cfg, "shared_expert_intermediate_size", None) or 0)
-    attention = 3 * heads * head_dim + 4 * kv_heads * head_dim
-    router = 2 * experts * 2  # fp32 logits and probabilities, in compute-dtype units (x2 for bf16)
-    return 6 * hidden + attention + router + top_k * (3 * hidden + 4 * inter) + (4 * shared + 2 * hidden if shared else 0)
+    attention = 4 * heads * head_dim + 4 * kv_heads * head_dim + 2 * head_dim
+    router = 2 * (pool or experts)
+    return 5 * hidden + attention + router + top_k * (hidden + 5 * inter) + (hidden + 4 * shared if shared else 0)
 
 
 def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision: str, batch_size: int,
@@ -119,7 +126,8 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
     largest_unit = max(max(sum(sizes[n] for n in u) for u in units), teacher_unit if teacher_params else 0)
     tokens = batch_size * seq_len
     logits = tokens * cfg.vocab_size * 4 * 3
-    layer_acts = tokens * activation_values_per_token(cfg) * compute
+    pool = max((r.weight.shape[0] for r in student.modules() if isinstance(r, BaseRouter)), default=None)
+    layer_acts = tokens * activation_values_per_token(cfg, pool) * compute
     inputs = cfg.num_hidden_layers * tokens * cfg.hidden_size * compute if activation_checkpointing else 0
     # kept for backward: with checkpointing one layer's recompute at a time, else every layer; plus one layer's
     # gradients of them while it runs backward
