@@ -13,11 +13,17 @@ FLOPs). Each method's knob is set from the target zero ratio r:
     static_topk     StaticTopK K' in {floor, ceil}(K (1 - r)) (it can only realise multiples of 1/K); no aux loss
     longcat         LongCatBias target = r, sign-update bias controller (callback), no aux loss
     moe_plus_plus   MoEPlusPlus (1 zero, 1 copy, 2 constant) + group balance w = r N / ((1 - r) N_zc)
+    beam            Beam (sigmoid mask router on the top-K slots, STE) + BeamSparsity (L1 on the mask
+                    probabilities) with target r: the term's sign follows the realised skipped share
+    adaptive_k      AdaptiveK (entropy-gated top-k) with thresholds calibrated on the teacher so that its skip
+                    share is r (training-free routing, then trained like top_p); no aux loss
 
 Outputs (atomically) under ``--out``: ``frontier.csv`` (one row per run), ``frontier.png`` (NLL and KL vs realised
 expert-FLOP fraction, teacher as the reference point), ``where.json`` (zero share per domain x layer, real experts
-per token histogram, token-level view of sample text per run), ``frontier.json`` (everything, plus whether ZEDA
-leads each method at matched realised FLOPs). The last stdout line is a JSON summary.
+per token histogram, token-level view of sample text, and ``uncertainty``: the per-token zero share correlated with
+the teacher's entropy and KL(teacher || student) per domain and layer, see ``bench/where.py``; per run),
+``frontier.json`` (everything, plus whether ZEDA leads each method at matched realised FLOPs). The last stdout line
+is a JSON summary.
 
     python bench/frontier.py [--quick] [--out runs/frontier/full] [--ratios 0.25 0.5] [--methods zeda top_p]
 """
@@ -44,9 +50,12 @@ from zeda_lightning.callbacks import ZeroShareBiasController
 from zeda_lightning.data.module import ZedaDataModule, load_rows
 from zeda_lightning.export import from_pretrained
 from zeda_lightning.fsio import atomic_write
+from zeda_lightning.losses.router_losses import BeamSparsity
 from zeda_lightning.modules import ZedaDistillModule
 from zeda_lightning.routing import (
     AdaMoE,
+    AdaptiveK,
+    Beam,
     LongCatBias,
     MoEPlusPlus,
     NullExperts,
@@ -56,13 +65,15 @@ from zeda_lightning.routing import (
     capture_routing,
     iter_routers,
 )
+from zeda_lightning.routing.adaptive_k import even_thresholds
 from zeda_lightning.solve import bisect_monotone
+from where import interleave_domains, uncertainty_report  # bench/where.py, next to this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "assets/tiny_teacher")
 CORPUS = os.path.join(ROOT, "data/tiny_corpus")
 RATIOS = (0.25, 0.375, 0.5, 0.625)
-METHODS = ("zeda", "null_experts", "top_p", "static_topk", "longcat", "moe_plus_plus")
+METHODS = ("zeda", "null_experts", "top_p", "static_topk", "longcat", "moe_plus_plus", "beam", "adaptive_k")
 ALL_METHODS = METHODS + ("adamoe",)
 
 
@@ -78,8 +89,9 @@ class Budget:
     test_file: str = os.path.join(CORPUS, "test.jsonl.gz")
     test_batches: int | None = None  # None: the whole test split
     longcat_rate: float = 0.02  # bias step per optimiser step (logit units)
-    calib_batches: int = 2  # training batches of 4 sequences that calibrate top-p's p on the teacher
-    calib_iters: int = 10  # bisection steps for p
+    calib_batches: int = 2  # training batches of 4 sequences that calibrate top-p / adaptive-k on the teacher
+    calib_iters: int = 10  # bisection steps for top-p's p and adaptive-k's threshold scale
+    beam_coef: float = 0.1  # BEAM sparsity coefficient (its sign follows the realised share, see BeamSparsity)
     seed: int = 0
     sample_chars: int = 160  # characters of each domain's first test document shown token by token
 
@@ -118,15 +130,13 @@ def static_ks(targets, top_k: int) -> list[int]:
 
 
 @torch.no_grad()
-def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10) -> float:
-    """p whose top-p routing on the teacher skips a ``target`` share of the K slots (bisection on [0.001, 1]; the
-    share falls as p grows)."""
-    model = inject(teacher, TopP(p=0.5))
-    routers = list(iter_routers(model))
+def calibrated_knob(model, batches: list[dict], set_knob, target: float, lo: float, hi: float, iters: int,
+                    increasing: bool) -> tuple[float, float]:
+    """``(x, share)``: the knob value whose routing on ``model`` skips a ``target`` share of the slots over
+    ``batches`` (``set_knob(x)`` sets it on every router; bisection on [lo, hi], the final bracket's midpoint)."""
 
-    def share(p: float) -> float:
-        for r in routers:
-            r.p = p
+    def share(x: float) -> float:
+        set_knob(x)
         num = den = 0.0
         for b in batches:
             with capture_routing(model) as rec:
@@ -136,8 +146,37 @@ def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10
             den += n_tok
         return num / den
 
-    p, _ = bisect_monotone(share, target, 1e-3, 1.0, iters=iters, increasing=False, midpoint=True)
+    return bisect_monotone(share, target, lo, hi, iters=iters, increasing=increasing, midpoint=True)
+
+
+def calibrate_top_p(teacher, batches: list[dict], target: float, iters: int = 10) -> float:
+    """p whose top-p routing on the teacher skips a ``target`` share of the K slots (bisection on [0.001, 1]; the
+    share falls as p grows)."""
+    model = inject(teacher, TopP(p=0.5))
+    routers = list(iter_routers(model))
+
+    def set_p(p: float) -> None:
+        for r in routers:
+            r.p = p
+
+    p, _ = calibrated_knob(model, batches, set_p, target, 1e-3, 1.0, iters, increasing=False)
     return round(p, 4)
+
+
+def calibrate_adaptive_k(teacher, batches: list[dict], target: float, iters: int = 10) -> list[float]:
+    """Adaptive-K thresholds (fractions of ln N, evenly spaced, scaled by one factor) whose routing on the teacher
+    skips a ``target`` share of the K slots, i.e. a mean k of K (1 - target). The share grows with the scale; at
+    scale = number of k levels the lowest threshold is ln N and every token gets k = 1."""
+    model = inject(teacher, AdaptiveK())
+    routers = list(iter_routers(model))
+    levels = len(routers[0].k_values)
+
+    def set_scale(scale: float) -> None:
+        for r in routers:
+            r.set_thresholds(even_thresholds(scale, levels))
+
+    scale, _ = calibrated_knob(model, batches, set_scale, target, 0.0, float(levels), iters, increasing=True)
+    return [round(t, 4) for t in even_thresholds(scale, levels)]
 
 
 def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list[dict]) -> list[Plan]:
@@ -166,20 +205,17 @@ def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list
                 variant = MoEPlusPlus(seed=seed)
                 w = group_w(r, n, variant.num_zero_experts)
                 plans.append(Plan(method, r, f"w={w:.3g}", variant, {"aux_loss": "group", "group_w": w}))
+            elif method == "beam":
+                loss = BeamSparsity(coef=budget.beam_coef, target=r)
+                plans.append(Plan(method, r, f"target={r}", Beam(), {"aux_loss": loss}))
+            elif method == "adaptive_k":
+                th = calibrate_adaptive_k(from_pretrained(TEACHER), calib_batches, r, budget.calib_iters)
+                plans.append(Plan(method, r, "h=" + "/".join(f"{t:.3g}" for t in th), AdaptiveK(thresholds=th),
+                                  {"aux_loss": "none"}))
             else:
                 raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
     # the runs nearest half the expert FLOPs first: a run cut short still has every method at one ratio
     return sorted(plans, key=lambda p: round(abs(p.target - 0.5), 6))
-
-
-def interleave_domains(blocks: list[dict]) -> list[dict]:
-    """Packed blocks come grouped by domain; round-robin them so a limited evaluation (``test_batches``) still sees
-    every domain. The whole split's metrics do not depend on the order."""
-    by_domain: dict[int, list[dict]] = {}
-    for b in blocks:
-        by_domain.setdefault(b["domain"], []).append(b)
-    rounds = itertools.zip_longest(*by_domain.values())
-    return [b for group in rounds for b in group if b is not None]
 
 
 def teacher_dims() -> dict:
@@ -200,7 +236,9 @@ def sample_texts(path: str, chars: int) -> dict[str, str]:
     return out
 
 
-def train_and_measure(plan: Plan, dm, budget: Budget, samples: dict[str, str]) -> tuple[dict, dict]:
+def train_and_measure(plan: Plan, dm, budget: Budget, samples: dict[str, str], teacher=None) -> tuple[dict, dict]:
+    """Train one plan, measure it on the test split; ``teacher`` (the frozen teacher model) adds the per-token
+    uncertainty view (``bench/where.py``) to the run's where.json entry."""
     import lightning as L
 
     L.seed_everything(budget.seed, verbose=False)
@@ -222,6 +260,9 @@ def train_and_measure(plan: Plan, dm, budget: Budget, samples: dict[str, str]) -
     metrics = {k: float(v) for k, v in trainer.test(module, datamodule=dm, verbose=False)[0].items()}
     test_batches = itertools.islice(dm.test_dataloader(), budget.test_batches)
     where = routing_report(module.student, test_batches, dm.domains)
+    if teacher is not None:
+        test_batches = itertools.islice(dm.test_dataloader(), budget.test_batches)
+        where["uncertainty"] = uncertainty_report(module.student, teacher, test_batches, dm.domains)
     tok = dm.tokenizer
     where["token_view"] = {d: token_view(module.student, tok, text) for d, text in samples.items()}
     row = {
@@ -363,8 +404,9 @@ def run(budget: Budget, methods=METHODS, ratios=RATIOS, out: str = "runs/frontie
     plans = make_plans(methods, ratios, budget, dims, calib)
     log(f"{len(plans)} runs planned ({time.perf_counter() - started:.0f}s): " + ", ".join(f"{p.method} {p.knob}" for p in plans))
     rows, where = [], {}
+    teacher = from_pretrained(TEACHER).eval()
     for i, plan in enumerate(plans):
-        row, report = train_and_measure(plan, dm, budget, samples)
+        row, report = train_and_measure(plan, dm, budget, samples, teacher)
         rows.append(row)
         where[f"{plan.method}@{plan.knob}"] = {"method": plan.method, "target": plan.target, **report}
         log(f"[{i + 1}/{len(plans)}] {plan.method:>13} {plan.knob:>12}: nll {row['nll']:.4f} kl {row['kl_to_teacher']:.4f}"

@@ -76,6 +76,56 @@ class NoRouterLoss(RouterLoss):
         return _zero(records)
 
 
+def mask_sparsity_loss(mask_probs: Tensor, skipped: Tensor | None = None, target: float | None = None,
+                       token_mask: Tensor | None = None) -> Tensor:
+    """One layer's BEAM ``L_reg``: the mean of ``mask_probs`` (T, K) over valid tokens' slots (an L1 norm, the
+    probabilities being >= 0); with ``target``, times ``sign(target - skipped share)`` from ``skipped`` (T, K) bool,
+    without gradient. 0 when no token is valid."""
+    valid = None if token_mask is None else token_mask.reshape(-1).bool()
+    probs = (mask_probs if valid is None else mask_probs[valid]).float()  # (T', K)
+    if probs.numel() == 0:
+        return mask_probs.float().sum() * 0.0
+    loss = probs.mean()
+    if target is not None:  # +1 while too few slots are skipped, -1 while too many
+        share = (skipped if valid is None else skipped[valid]).float().mean()
+        loss = loss * torch.sign(share.new_tensor(target) - share)
+    return loss
+
+
+class BeamSparsity(RouterLoss):
+    """BEAM's sparsity term ``coef * L_reg`` (arXiv 2605.14438): ``L_reg`` is the L1 mean of the mask probabilities
+    ``m_hat`` over each layer's valid top-K slots (the paper found L1 better than L2), summed over layers like the
+    other router losses. It reads ``mask_probs`` (T, K) from BEAM's routing records.
+
+    ``target`` (not in the paper, which sets the sparsity through ``coef`` alone): the skipped-slot share to hold.
+    The term's sign then follows each layer's realised share (+coef while fewer slots are skipped than ``target``,
+    -coef while more), so the frontier can match FLOPs with one run per target, as LongCat's controller does.
+    ``None``: the paper's one-sided L1.
+    """
+
+    def __init__(self, coef: float = 0.1, target: float | None = None) -> None:
+        if coef < 0:
+            raise ValueError(f"BeamSparsity: coef must be >= 0, got {coef}")
+        if target is not None and not 0.0 <= target <= 1.0:
+            raise ValueError(f"BeamSparsity: target is a skipped-slot share in [0, 1], got {target}")
+        self.coef, self.target = coef, target
+
+    def to_config(self) -> dict[str, Any]:
+        cfg = super().to_config()
+        if self.target is None:  # saved configs hold numbers only; a missing target is the default None
+            cfg["init_args"].pop("target")
+        return cfg
+
+    def __call__(self, records, token_mask):
+        total = _zero(records)
+        for r in records:
+            if getattr(r, "mask_probs", None) is None:
+                raise ValueError("BeamSparsity needs BEAM routing records (mask_probs): use routing "
+                                 "zeda_lightning.routing.Beam with mask_zero=False")
+            total = total + self.coef * mask_sparsity_loss(r.mask_probs, r.skipped, self.target, token_mask)
+        return total
+
+
 class SumOfRouterLosses(RouterLoss):
     """Several router losses added, in order."""
 
@@ -98,7 +148,7 @@ ROUTER_LOSSES = ("group", "switch", "none")
 
 
 def _from_saved(cfg: Any) -> RouterLoss:
-    simple = [GroupBalance, SwitchBalance, RouterZLoss, NoRouterLoss]
+    simple = [GroupBalance, SwitchBalance, RouterZLoss, NoRouterLoss, BeamSparsity]
     sum_path = f"{SumOfRouterLosses.__module__}.{SumOfRouterLosses.__qualname__}"
     if isinstance(cfg, dict) and cfg.get("class_path") == sum_path:
         terms = (cfg.get("init_args") or {}).get("terms")

@@ -25,6 +25,8 @@ from zeda_lightning.routing.base import (
 )
 from zeda_lightning.routing.null_experts import NullExpertRouter, NullExperts
 from zeda_lightning.routing.adamoe import AdaMoE
+from zeda_lightning.routing.adaptive_k import AdaptiveK, AdaptiveKRouter
+from zeda_lightning.routing.beam import Beam, BeamRouter, BeamRouterOutput
 from zeda_lightning.routing.longcat_bias import LongCatBias, LongCatBiasRouter
 from zeda_lightning.routing.moe_plus_plus import MoEPlusPlus, MoEPlusPlusRouter
 from zeda_lightning.routing.static_topk import StaticTopK, StaticTopKRouter
@@ -38,7 +40,12 @@ __all__ = [
     "ROUTING_VARIANTS",
     "ZERO_SLOTS",
     "AdaMoE",
+    "AdaptiveK",
+    "AdaptiveKRouter",
     "BaseRouter",
+    "Beam",
+    "BeamRouter",
+    "BeamRouterOutput",
     "LongCatBias",
     "LongCatBiasRouter",
     "MoEDims",
