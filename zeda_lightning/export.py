@@ -54,6 +54,10 @@ INCOMPLETE_MARKER = ".zeda_export_incomplete"
 _INCOMPLETE_FORMAT = "zeda_lightning export (in progress)"
 _MAX_MARKER_BYTES = 64 * 1024
 _MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+#: prefix of the architecture name a zeda export records in ``config.json`` (``ZedaQwen3MoeForCausalLM``): vLLM
+#: picks its model class by that name, and the plugin (``zeda_lightning.serving``) registers it; transformers picks
+#: its class by ``model_type``, so a plain load is unchanged
+SERVING_ARCH_PREFIX = "Zeda"
 
 
 # --------------------------------------------------------------------------------------------------- markers
@@ -390,6 +394,25 @@ def check_budget_record(model: nn.Module, where: str) -> None:
 # ---------------------------------------------------------------------------------------------------- export
 
 
+def serving_architecture(architecture: str) -> str:
+    """The architecture name a zeda export of a model of class ``architecture`` records, for vLLM's registry."""
+    return architecture if architecture.startswith(SERVING_ARCH_PREFIX) else SERVING_ARCH_PREFIX + architecture
+
+
+def _record_serving_architecture(cfg_path: str) -> None:
+    """Rename ``architectures`` in a freshly saved ``config.json`` of an injected model (``save_pretrained`` writes
+    the transformers class name), so vLLM resolves it to the zeda plugin's class and not to a model with N router
+    rows; a plain model's config is left as saved."""
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if CONFIG_KEY not in cfg or not cfg.get("architectures"):
+        return
+    cfg["architectures"] = [serving_architecture(a) for a in cfg["architectures"]]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: bool = False, state_dict=None,
                  protected: Iterable = ()) -> str:
     """Write ``model`` (and ``tokenizer``) as a transformers directory at ``out_dir``, atomically; returns its
@@ -414,6 +437,7 @@ def export_model(model: nn.Module, out_dir: str, tokenizer=None, *, overwrite: b
     with atomic_dir(out_dir, remove=_remove_export, before_swap=recheck) as tmp:
         _write_json(os.path.join(tmp, INCOMPLETE_MARKER), _marker_payload(_INCOMPLETE_FORMAT))
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        _record_serving_architecture(os.path.join(tmp, "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_json(os.path.join(tmp, EXPORT_MARKER), _marker_payload(EXPORT_FORMAT))

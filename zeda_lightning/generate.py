@@ -14,14 +14,19 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 
 import torch
+from transformers import AutoTokenizer, GenerationConfig
 
 from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.data.files import load_rows
 from zeda_lightning.fsio import atomic_write
 from zeda_lightning.routing import capture_routing
-from zeda_lightning.sampling import check_sampling, load_for_generation, sample
+from zeda_lightning.sampling import check_sampling, eos_token_ids, load_for_generation, sample
+from zeda_lightning.serving import check_servable, require_vllm_python, run_vllm
+
+ENGINES = ("hf", "vllm")
 
 
 def _read_prompts(path: str, tokenizer) -> list[dict]:
@@ -68,6 +73,7 @@ def generate_responses(
     max_prompt_tokens: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    engine: str = "hf",
 ) -> dict:
     """Sample responses with a model: stage-1 jsonl rows for a prompt file, or one prompt answered.
 
@@ -88,6 +94,8 @@ def generate_responses(
         max_prompt_tokens: refuse prompts longer than this many tokens (default: context minus max_new_tokens).
         seed: sampling seed.
         overwrite: replace an existing ``out``.
+        engine: ``hf`` (transformers ``generate``) or ``vllm`` (the zeda vLLM plugin, run in the vLLM environment
+            that ``scripts/vllm_env.sh`` builds; a zeda export of a served family only).
     """
     if (prompt is None) == (prompts is None):
         raise ValueError("give either --prompt TEXT or --prompts FILE --out FILE (exactly one of them)")
@@ -97,6 +105,11 @@ def generate_responses(
                    num_samples=num_samples, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
     if out is not None and os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite true to replace it")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}; pass --engine hf or --engine vllm")
+    if engine == "vllm":
+        return _generate_vllm(model, prompts, out, prompt, max_new_tokens, temperature, top_p, top_k, num_samples,
+                              max_prompt_tokens, seed)
     if prompt is not None:
         lm, tok = load_for_generation(model)
         torch.manual_seed(seed)
@@ -131,6 +144,49 @@ def generate_responses(
         for r in results:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return {"rows": len(results), "new_tokens": n_tokens, "out": out}
+
+
+def _generate_vllm(model: str, prompts: str | None, out: str | None, prompt: str | None, max_new_tokens: int,
+                   temperature: float, top_p: float, top_k: int, num_samples: int, max_prompt_tokens: int | None,
+                   seed: int) -> dict:
+    """``generate_responses`` on the vLLM engine: every check here first (model, vLLM environment, prompts), then
+    one vLLM run in the vLLM environment; responses are decoded with the model's tokenizer as the hf engine does,
+    and the zero-slot share is the one the plugin counted inside vLLM."""
+    cfg = check_servable(model)
+    require_vllm_python()
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    try:
+        gen_cfg = GenerationConfig.from_pretrained(model)
+    except OSError:  # no generation_config.json: the tokenizer's eos only
+        gen_cfg = GenerationConfig()
+    eos = eos_token_ids(types.SimpleNamespace(generation_config=gen_cfg), tok)
+    rows = [{"prompt": prompt}] if prompt is not None else _read_prompts(prompts, tok)
+    where = "--prompt" if prompt is not None else prompts
+    context = int(cfg.get("max_position_embeddings", 2048))
+    limit = max_prompt_tokens or (context - max_new_tokens)
+    encoded = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
+    if too_long:
+        raise ValueError(f"{where}: prompts on lines {too_long[:10]} exceed {limit} tokens; shorten them")
+    empty = [i + 1 for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"{where}: prompts on lines {empty[:10]} are empty")
+    batch = {"prompt_token_ids": encoded, "max_new_tokens": max_new_tokens, "temperature": temperature,
+             "top_p": top_p, "top_k": top_k, "num_samples": num_samples, "seed": seed, "eos_token_ids": eos}
+    reply = run_vllm({"model": os.path.abspath(model), "max_model_len": context, "seed": seed, "batches": [batch]})
+    result = reply["results"][0]
+    samples = [c for outs in result["outputs"] for c in outs]  # text-major, num_samples each
+    texts = [tok.decode(c["token_ids"], skip_special_tokens=True) for c in samples]
+    n_tokens = sum(len(c["token_ids"]) for c in samples)
+    zero = round(result["zero_slots"] / result["slots"], 4) if result.get("slots") else None
+    if prompt is not None:
+        return {"prompt": prompt, "response": texts[0] if num_samples == 1 else texts, "new_tokens": n_tokens,
+                "seconds": round(result["seconds"], 4), "zero_ratio": zero, "engine": "vllm"}
+    results = [{**rows[j // num_samples], "response": text} for j, text in enumerate(texts)]
+    with atomic_write(out, "w") as f:
+        for r in results:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {"rows": len(results), "new_tokens": n_tokens, "out": out, "engine": "vllm", "zero_ratio": zero}
 
 
 __all__ = ["generate_responses"]

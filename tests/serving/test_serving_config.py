@@ -1,0 +1,99 @@
+"""The pure side of vLLM serving (main environment, no vLLM): what an export records for vLLM, what the plugin
+refuses, and ``generate --engine`` validation before anything is loaded or written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.conftest import write_jsonl
+from tests.helpers import export_zero_expert_student, single_thread  # noqa: F401  (autouse: one thread)
+from zeda_lightning import NullExperts, ZeroExperts, inject
+from zeda_lightning.export import export_model, from_pretrained
+from zeda_lightning.generate import generate_responses
+from zeda_lightning.serving import VLLM_PYTHON_ENV, check_servable, served_architectures, vllm_python
+from zeda_lightning.tiny import tiny_model
+
+
+def _config(path) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_teacher):
+    return export_zero_expert_student(tiny_teacher, str(tmp_path_factory.mktemp("serve") / "student"), 0.5)
+
+
+def test_an_export_records_the_plugins_architecture_and_still_loads_in_transformers(tmp_path, tiny_teacher):
+    model = inject(from_pretrained(tiny_teacher), ZeroExperts(seed=0))
+    out = export_model(model, str(tmp_path / "student"), AutoTokenizer.from_pretrained(tiny_teacher))
+    cfg = _config(out)
+    assert cfg["architectures"] == ["ZedaQwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
+    assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe"}
+    assert check_servable(out)["zeda_routing"]["class_path"].endswith("ZeroExperts")
+    # the transformers load picks its class by model_type: the same model, logit for logit
+    reloaded = from_pretrained(out)
+    ids = torch.randint(1, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    # re-exporting the reloaded model keeps one prefix
+    again = export_model(reloaded, str(tmp_path / "again"))
+    assert _config(again)["architectures"] == ["ZedaQwen3MoeForCausalLM"]
+
+
+def test_a_plain_export_keeps_the_transformers_architecture(tmp_path, tiny_teacher):
+    out = export_model(from_pretrained(tiny_teacher), str(tmp_path / "plain"))
+    assert _config(out)["architectures"] == ["Qwen3MoeForCausalLM"]
+
+
+def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher, student):
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    with pytest.raises(ValueError, match="not a zeda export"):
+        check_servable(tiny_teacher)
+    mixtral = export_model(inject(tiny_model("mixtral"), ZeroExperts(seed=0)), str(tmp_path / "mixtral"), tok)
+    with pytest.raises(ValueError, match=r"serves zeda exports of \['qwen3_moe'\], not 'mixtral'.*--engine hf"):
+        check_servable(mixtral)
+    null = export_model(inject(from_pretrained(tiny_teacher), NullExperts()), str(tmp_path / "null"), tok)
+    with pytest.raises(ValueError, match="zero_experts routing only"):
+        check_servable(null)
+    old = tmp_path / "old"  # an export written before the architecture name was recorded
+    export_model(from_pretrained(student), str(old), tok)
+    cfg = _config(old)
+    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="re-export the model"):
+        check_servable(str(old))
+
+
+def test_generate_engine_is_checked_before_anything_is_written(tmp_path, tiny_teacher, student, monkeypatch):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):"}])
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(ValueError, match=r"engine must be one of \['hf', 'vllm'\], got 'sglang'"):
+        generate_responses(student, prompts, str(out), engine="sglang")
+    with pytest.raises(ValueError, match="not a zeda export"):
+        generate_responses(tiny_teacher, prompts, str(out), engine="vllm")
+    monkeypatch.setenv(VLLM_PYTHON_ENV, str(tmp_path / "no-such-python"))
+    if vllm_python() is None:  # this interpreter has no vllm: the missing environment is named
+        with pytest.raises(ValueError, match="needs the vLLM environment: run `bash scripts/vllm_env.sh`"):
+            generate_responses(student, prompts, str(out), engine="vllm")
+    proc = subprocess.run(  # the command line: one line, exit status 2
+        [sys.executable, "-m", "zeda_lightning", "generate", "--model", tiny_teacher, "--prompts", prompts,
+         "--out", str(out), "--engine", "vllm"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and err[0].startswith("zeda_lightning: error: ") and "not a zeda export" in err[0]
+    assert not out.exists()
+
+
+def test_eval_backend_is_checked_before_lm_eval_runs(tiny_teacher, student):
+    from zeda_lightning.evaluation.harness import evaluate
+
+    with pytest.raises(ValueError, match=r"backend must be one of \['hf', 'vllm'\], got 'sglang'"):
+        evaluate(student, ["zeda_tiny_continuation"], backend="sglang")
+    with pytest.raises(ValueError, match="not a zeda export"):
+        evaluate(tiny_teacher, ["zeda_tiny_continuation"], backend="vllm")

@@ -1,0 +1,115 @@
+"""Serving zeda exports with vLLM: the checks and the launcher, importable without vLLM.
+
+vLLM pins a transformers older than this package's, so it lives in its own environment (``scripts/vllm_env.sh``
+builds ``.vllm-venv``). The main environment talks to it through a subprocess (:func:`run_vllm`), which runs
+:mod:`zeda_lightning.serving.worker` there; the model classes themselves are in :mod:`zeda_lightning.serving.plugin`,
+the only module that imports vLLM, registered through the ``vllm.general_plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from zeda_lightning.adapters import CONFIG_KEY
+from zeda_lightning.export import SERVING_ARCH_PREFIX, check_model_dir, serving_architecture
+from zeda_lightning.routing import routing_from_config
+from zeda_lightning.routing.zero_experts import ZeroExperts
+
+#: model_type -> the transformers architecture the plugin serves a zeda export of (vLLM has a CPU model for it)
+SERVED_FAMILIES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+
+#: environment variable naming the vLLM environment's python (default: ``<repo>/.vllm-venv/bin/python``)
+VLLM_PYTHON_ENV = "ZEDA_VLLM_PYTHON"
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def served_architectures() -> dict[str, str]:
+    """Architecture name recorded by an export -> model_type, for every family the plugin serves."""
+    return {serving_architecture(arch): family for family, arch in SERVED_FAMILIES.items()}
+
+
+def check_servable_config(cfg: dict, where: str) -> ZeroExperts:
+    """Refuse a config the plugin cannot serve exactly (one line naming what to do); returns its routing variant."""
+    if CONFIG_KEY not in cfg:
+        raise ValueError(f"{where}: config.json has no {CONFIG_KEY!r}, so it is not a zeda export; serve a plain model "
+                         "with vLLM's own architecture (drop any Zeda* architecture override)")
+    family = cfg.get("model_type")
+    if family not in SERVED_FAMILIES:
+        raise ValueError(f"{where}: the vLLM plugin serves zeda exports of {sorted(SERVED_FAMILIES)}, not "
+                         f"{family!r}; use the transformers engine (generate --engine hf, eval --backend hf)")
+    routing = routing_from_config(cfg[CONFIG_KEY], where=f"{where}: {CONFIG_KEY}")
+    if type(routing) is not ZeroExperts:
+        raise ValueError(f"{where}: the vLLM plugin serves the zero_experts routing only, not "
+                         f"{cfg[CONFIG_KEY].get('class_path')!r}; use the transformers engine (--engine hf)")
+    if cfg.get("shared_expert_intermediate_size", 0):
+        raise ValueError(f"{where}: shared experts are not supported by the zeda vLLM plugin; use --engine hf")
+    return routing
+
+
+def check_servable(path: str) -> dict:
+    """Validate a model directory for the vLLM engine, loading no weights; returns its config.
+
+    A zeda export of a served family is required, with the architecture name the plugin registers recorded (an
+    export written before that is refused with how to fix it)."""
+    cfg = check_model_dir(path, require_routing=True, require_tokenizer=True)
+    check_servable_config(cfg, path)
+    archs = cfg.get("architectures") or []
+    wanted = serving_architecture(SERVED_FAMILIES[cfg["model_type"]])
+    if archs != [wanted]:
+        raise ValueError(f"{path}: config.json architectures is {archs}, the vLLM plugin serves {[wanted]}; "
+                         "re-export the model with this version (export_model records it)")
+    return cfg
+
+
+def vllm_python() -> str | None:
+    """The vLLM environment's python: this interpreter if it imports vllm, else ``$ZEDA_VLLM_PYTHON`` or the
+    repository's ``.vllm-venv``; ``None`` when there is none."""
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    candidate = os.environ.get(VLLM_PYTHON_ENV) or os.path.join(_REPO, ".vllm-venv", "bin", "python")
+    return candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None
+
+
+def require_vllm_python() -> str:
+    """:func:`vllm_python` or a one-line error saying how to get one."""
+    python = vllm_python()
+    if python is None:
+        raise ValueError("the vLLM engine needs the vLLM environment: run `bash scripts/vllm_env.sh` (builds "
+                         f".vllm-venv) or set {VLLM_PYTHON_ENV} to a python with vllm and zeda_lightning installed")
+    return python
+
+
+def vllm_env() -> dict[str, str]:
+    """The environment of a vLLM subprocess: this checkout importable, only the zeda vLLM plugin loaded."""
+    env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "zeda"), "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_vllm(request: dict, timeout: float | None = None) -> dict:
+    """Run one :mod:`zeda_lightning.serving.worker` request in the vLLM environment; returns its JSON reply.
+
+    The request (model, prompt texts, sampling settings) goes in a temporary file and the reply comes back in
+    another; the worker's log is kept only for the error message."""
+    python = require_vllm_python()
+    with tempfile.TemporaryDirectory(prefix="zeda-vllm-") as tmp:
+        req, rep = os.path.join(tmp, "request.json"), os.path.join(tmp, "reply.json")
+        with open(req, "w") as f:
+            json.dump(request, f)
+        proc = subprocess.run([python, "-m", "zeda_lightning.serving.worker", req, rep], env=vllm_env(),
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not os.path.isfile(rep):
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"the vLLM worker failed (exit {proc.returncode}): {tail[-600:]}")
+        with open(rep) as f:
+            return json.load(f)
+
+
+__all__ = ["SERVED_FAMILIES", "SERVING_ARCH_PREFIX", "check_servable", "check_servable_config", "run_vllm",
+           "served_architectures", "vllm_env", "vllm_python"]
