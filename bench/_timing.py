@@ -29,23 +29,36 @@ def wall_s(fn: Callable[[], object]) -> float:
 
 def time_paired(baseline: Callable[[], object], variants: dict[str, Callable[[], object]], reps: int, warmup: int,
                 rng: random.Random) -> PairedTiming:
-    base: list[float] = []
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    ratios: dict[str, list[float]] = {name: [] for name in variants}
+    timed = time_paired_parts(lambda: {"total": wall_s(baseline)},
+                              {name: (lambda fn=fn: {"total": wall_s(fn)}) for name, fn in variants.items()},
+                              reps, warmup, rng)
+    return timed["total"]
+
+
+def time_paired_parts(baseline: Callable[[], dict[str, float]], variants: dict[str, Callable[[], dict[str, float]]],
+                      reps: int, warmup: int, rng: random.Random) -> dict[str, PairedTiming]:
+    """:func:`time_paired` for calls that time their own parts: each call returns ``{part: seconds}`` (the same
+    parts every call), and every part gets its own paired ratio (e.g. one layer of a model timed by hooks)."""
+    base: dict[str, list[float]] = {}
+    seconds: dict[str, dict[str, list[float]]] = {}
+    ratios: dict[str, dict[str, list[float]]] = {}
     for rnd in range(warmup + reps):
         order = list(variants)
         rng.shuffle(order)
         timed = rnd >= warmup
-        before = wall_s(baseline)
+        before = baseline()
         if timed:
-            base.append(before)
+            for part, t in before.items():
+                base.setdefault(part, []).append(t)
         for name in order:
-            t = wall_s(variants[name])
-            after = wall_s(baseline)
+            got = variants[name]()
+            after = baseline()
             if timed:
-                seconds[name].append(t)
-                ratios[name].append(t / ((before + after) / 2))
-                base.append(after)
+                for part, t in got.items():
+                    seconds.setdefault(part, {}).setdefault(name, []).append(t)
+                    ratios.setdefault(part, {}).setdefault(name, []).append(t / ((before[part] + after[part]) / 2))
+                    base[part].append(after[part])
             before = after
     med = statistics.median
-    return PairedTiming(med(base), {n: med(v) for n, v in seconds.items()}, {n: med(v) for n, v in ratios.items()})
+    return {part: PairedTiming(med(base[part]), {n: med(v) for n, v in seconds[part].items()},
+                               {n: med(v) for n, v in ratios[part].items()}) for part in seconds}
