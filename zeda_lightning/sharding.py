@@ -425,12 +425,14 @@ def checkpoint_hparams(ckpt_path: str) -> dict[str, Any]:
     return dict(hp) if isinstance(hp, dict) else {}
 
 
-def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
+def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False, model_dir: str | None = None) -> str:
     """Turn the student of a sharded (distributed) Lightning checkpoint into a transformers directory.
 
     Runs in one process without a process group: the student is rebuilt from the checkpoint's hyperparameters on
     the meta device, materialised on CPU and filled by ``torch.distributed.checkpoint``; written atomically. A
     checkpoint written before the routers' zero-logit bias was a buffer leaves it at 0 (its value in training).
+    ``model_dir`` replaces the model directory the run recorded (its config and tokenizer), e.g. when that was a
+    relative path of another working directory.
     """
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir} is not a distributed checkpoint directory (a single-file checkpoint holds "
@@ -439,6 +441,12 @@ def consolidate(ckpt_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
     source = hp.get("student") or hp.get("teacher")
     if not isinstance(source, str) or not isinstance(hp.get("routing"), dict):
         raise ValueError(f"{ckpt_dir}: no student/teacher/routing hyperparameters; it is not a ZedaDistillModule run")
+    if model_dir is not None:
+        source = model_dir
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        where = "" if os.path.isabs(source) else f" (a relative path, read from {os.getcwd()})"
+        raise ValueError(f"{ckpt_dir} was trained from {source!r}, which has no config.json here{where}; run "
+                         "consolidate from the directory fit ran in, or pass --model_dir DIR (that model's directory)")
     check_export_target(out_dir, overwrite, protected=[ckpt_dir, source])
     routing = routing_from_config(hp["routing"], where=f"{ckpt_dir} hyperparameters")
     config, _ = _config(source)
@@ -469,7 +477,7 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def consolidate_main(ckpt: str, out: str, overwrite: bool = False) -> str:
+def consolidate_main(ckpt: str, out: str, overwrite: bool = False, model_dir: str | None = None) -> str:
     """Turn the student of a sharded (distributed) checkpoint into a transformers directory.
 
     Returns the directory's path.
@@ -478,5 +486,7 @@ def consolidate_main(ckpt: str, out: str, overwrite: bool = False) -> str:
         ckpt: distributed checkpoint directory (e.g. runs/x/checkpoints/last.ckpt).
         out: transformers directory to write the student to.
         overwrite: replace a non-empty ``out``.
+        model_dir: the model directory the run started from (default: the one it recorded, which a relative path
+            resolves from the working directory).
     """
-    return consolidate(ckpt, out, overwrite=overwrite)
+    return consolidate(ckpt, out, overwrite=overwrite, model_dir=model_dir)

@@ -139,6 +139,35 @@ def test_sharded_checkpoint_consolidates_to_the_exported_student(runs, tmp_path)
     assert not torch.allclose(consolidated, teacher, atol=1e-3)  # and it is the trained student
 
 
+def test_consolidate_names_a_recorded_model_path_missing_here_and_takes_model_dir(runs, tmp_path):
+    """A run whose teacher was a relative path, consolidated from another directory: one clear line naming the
+    path and the fix (not a hub download attempt), and ``--model_dir`` gives the same student."""
+    import shutil
+
+    from zeda_lightning.checkpointing import checkpoint_meta
+
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(runs["two"] / "ckpt" / "last.ckpt", ckpt)
+    meta = checkpoint_meta(str(ckpt))
+    meta["hyper_parameters"]["teacher"] = "checkpoints/tiny_teacher"  # as `fit` run elsewhere recorded it
+    torch.save(meta, ckpt / "meta.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "zeda_lightning", "consolidate", "--ckpt", str(ckpt)]
+    bad = subprocess.run([*cmd, "--out", str(tmp_path / "a")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and not (tmp_path / "a").exists(), bad.stderr[-2000:]
+    line = bad.stderr.strip().splitlines()[0]  # the error; the next line only says where it was raised
+    assert line.startswith("zeda_lightning: error:") and "checkpoints/tiny_teacher" in line and "--model_dir" in line
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "b"), "--model_dir", TEACHER], cwd=tmp_path, env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    from zeda_lightning.export import from_pretrained
+
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(str(tmp_path / "b"))(input_ids=ids).logits,
+                           from_pretrained(str(runs["two"] / "student"))(input_ids=ids).logits)
+
+
 def _sharded_logits(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
