@@ -107,7 +107,7 @@ def test_earlier_spellings_are_still_accepted():
     _, kwargs = parse("demo", ["--family", "olmoe", "--zero-logit-bias", "0.5"])
     assert kwargs == {"family": "olmoe", "routing": "zero_experts", "zero_logit_bias": 0.5}
     _, kwargs = parse("consolidate", ["--ckpt", "c", "--overwrite", "--out", "o"])
-    assert kwargs == {"ckpt": "c", "out": "o", "overwrite": True}
+    assert kwargs == {"ckpt": "c", "out": "o", "overwrite": True, "model_dir": None}
     _, kwargs = parse("consolidate", ["--ckpt", "c", "--out", "o", "--overwrite"])
     assert kwargs["overwrite"] is True
     _, kwargs = parse("generate", ["--model", "m", "--prompt", "p", "--overwrite", "false"])
