@@ -385,6 +385,8 @@ def parse_args(argv=None):
                    choices=["router_only", "resume", "router_and_experts", "full", "opd"])
     p.add_argument("--kill-after", type=float, default=5.0, help="seconds after the step-2 checkpoint to SIGKILL")
     p.add_argument("--opd-steps", type=int, default=3)
+    p.add_argument("--gathers", nargs="+", default=["once", "per_layer"], choices=["once", "per_layer"],
+                   help="OPD runs: rollouts gathered once, and layer by layer")
     p.add_argument("--reuse", action="store_true", help="without router_only in --runs: start OPD from the export of "
                    "an earlier router_only run in --work")
     p.add_argument("--precision", default="bf16-true", help="trainer.precision of every run ('' = the shipped one)")
@@ -459,7 +461,7 @@ def main(argv=None) -> dict:
     if "opd" in args.runs and base is not None and not base.get("error"):
         export = export_dir(base["run"], base["cfg"])
         result["opd"] = {}
-        for gather in ("once", "per_layer"):
+        for gather in args.gathers:
             res = fit_run(f"opd_{gather}", args.work, args.model, args.slice, preset="router_only",
                           precision=args.precision, steps=args.opd_steps, every=args.opd_steps, fixed=fixed,
                           stage="opd", student=export,

@@ -204,3 +204,19 @@ def test_activations_per_token_match_what_a_layer_saves_for_backward():
     pool = layer.mlp.gate.weight.shape[0]
     estimated = tokens * activation_values_per_token(model.config, pool) * 4
     assert 0.9 * saved <= estimated <= 1.15 * saved, (estimated, saved)
+
+
+def test_estimate_of_an_opd_config_starting_from_a_zeda_export(tmp_path):
+    """Stage 2 starts from the stage-1 export: its routers are already there (not injected twice), the teacher is
+    counted with the original router rows, and the sizes equal those of a fresh student."""
+    from zeda_lightning.adapters import inject
+    from zeda_lightning.export import export_model, from_pretrained
+
+    teacher = os.path.join(ROOT, "assets/tiny_teacher")
+    export_model(inject(from_pretrained(teacher), ZeroExperts(seed=0)), str(tmp_path / "student"))
+    base = ["--config", "configs/tiny_opd.yaml", "--devices", "2"]
+    _, fresh = run_estimate(*base)
+    _, from_export = run_estimate(*base, "--model_dir", str(tmp_path / "student"))
+    for a, b in zip(fresh["estimates"], from_export["estimates"]):
+        assert (a["params"], a["trainable"], a["teacher_params"]) == (b["params"], b["trainable"], b["teacher_params"])
+    assert from_export["estimates"][0]["teacher_params"] < from_export["estimates"][0]["params"]

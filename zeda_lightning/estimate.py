@@ -16,6 +16,9 @@ injected, and the memory per GPU is counted from the tensors' shapes:
     logits              B x S x V x 4 bytes x 3          (student logits, their gradient, teacher logits; fp32;
                                                         on-policy: B = prompts x num_samples, S = prompt + response)
     layer inputs        L x B x S x H x compute bytes    (kept for the recompute, with activation checkpointing)
+    rollout gathered    on-policy under FSDP2 (``rollout_gather`` not ``per_layer``): the whole student gathered for
+                        sampling, P_s x compute bytes x (W - 1) / W; the peak counts the larger of it and the
+                        step's transients (gathered units, logits, activations)
     activations         B x S x a x compute bytes x (L + 1), or x 2 with activation checkpointing: what one layer
                         keeps for backward (``activation_values_per_token``: a per token) for every layer, or for
                         the one being recomputed, plus its gradients
@@ -33,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from zeda_lightning.adapters import adapter_for, inject
+from transformers import AutoConfig
+
+from zeda_lightning.adapters import CONFIG_KEY, adapter_for, inject
 from zeda_lightning.routing import BaseRouter, ZeroExperts, routing_from_config
 from zeda_lightning.sharding import build_empty, decoder_layers
 
@@ -111,12 +116,20 @@ def activation_values_per_token(cfg, pool: int | None = None) -> int:
 
 def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision: str, batch_size: int,
              seq_len: int, activation_checkpointing: bool, teacher_mode: str = "separate",
-             presets=PRESETS, strategies=STRATEGIES) -> list[Estimate]:
-    student = build_empty(model_dir)
-    teacher_params = _numel(student) if teacher_mode == "separate" else 0
-    teacher_sizes = dict((n, p.numel()) for n, p in student.named_parameters())
-    teacher_unit = max(sum(teacher_sizes[n] for n in u) for u in _units(student))
-    inject(student, routing, init=False)
+             presets=PRESETS, strategies=STRATEGIES, rollout_gather: bool = False) -> list[Estimate]:
+    """Memory per GPU for each preset and strategy (see the module docstring); ``rollout_gather``: on-policy
+    sampling gathers the whole FSDP2 student once per rollout, so the peak is the larger of that and a step's
+    transients."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if hasattr(config, CONFIG_KEY):  # a zeda export (e.g. the stage-1 student of an OPD config): its teacher's shapes
+        delattr(config, CONFIG_KEY)
+    teacher = build_empty(config)
+    teacher_params = _numel(teacher) if teacher_mode == "separate" else 0
+    teacher_sizes = dict((n, p.numel()) for n, p in teacher.named_parameters())
+    teacher_unit = max(sum(teacher_sizes[n] for n in u) for u in _units(teacher))
+    student = build_empty(model_dir)  # an export comes back with its own routers
+    if not any(isinstance(m, BaseRouter) for m in student.modules()):
+        inject(student, routing, init=False)
     params = _numel(student)
     sizes = dict((n, p.numel()) for n, p in student.named_parameters())
     storage = 2 if precision == "bf16-true" else 4
@@ -155,8 +168,14 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
                 "layer_inputs": inputs,
                 "activations": activations,
             }
+            total = sum(parts.values())
+            if rollout_gather and strategy == "fsdp2":
+                # sampling holds the whole student gathered (rollout_gather: once) instead of the step's transients
+                parts["rollout_gathered"] = params * compute * (shards - 1) / shards
+                transients = sum(parts[k] for k in ("gathered", "logits", "layer_inputs", "activations"))
+                total += max(0.0, parts["rollout_gathered"] - transients)
             out.append(Estimate(preset, strategy, world, params, trainable, teacher_params,
-                                round(sum(parts.values()) / GIB, 2), {k: round(v / GIB, 3) for k, v in parts.items()}))
+                                round(total / GIB, 2), {k: round(v / GIB, 3) for k, v in parts.items()}))
     return out
 
 
@@ -233,7 +252,8 @@ def estimate_main(config: dict[str, Any], model_dir: str | None = None, devices:
     model_dir = _model_dir(config, source, model_dir)
     precision = str(trainer["precision"] or "32-true")
     batch, seq = data_args["batch_size"], data_args["max_length"]
-    if "num_samples" in model_args or "max_new_tokens" in model_args:  # on-policy: rollouts of prompt + response
+    on_policy = "num_samples" in model_args or "max_new_tokens" in model_args
+    if on_policy:  # rollouts of prompt + response
         batch *= model_args.get("num_samples", 1)
         seq += model_args.get("max_new_tokens", 0)
     with torch.device("cpu"):
@@ -241,6 +261,7 @@ def estimate_main(config: dict[str, Any], model_dir: str | None = None, devices:
             model_dir, _routing(model_args), devices=devices, num_nodes=num_nodes, precision=precision,
             batch_size=batch, seq_len=seq, activation_checkpointing=model_args.get("activation_checkpointing", False),
             teacher_mode=model_args.get("teacher_mode", "separate"),
+            rollout_gather=on_policy and model_args.get("rollout_gather", "auto") != "per_layer",
         )
     print(f"{source or 'config'}: model {model_dir}, precision {precision}, {batch} sequences x {seq} tokens per GPU")
     print(_table(rows))
