@@ -23,7 +23,7 @@ from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.data.files import load_rows
 from zeda_lightning.fsio import atomic_write
 from zeda_lightning.routing import capture_routing
-from zeda_lightning.sampling import check_sampling, eos_token_ids, load_for_generation, sample
+from zeda_lightning.sampling import check_sampling, encode_prompts, eos_token_ids, load_for_generation, sample
 from zeda_lightning.serving import check_servable, require_vllm_python, run_vllm
 
 ENGINES = ("hf", "vllm")
@@ -126,11 +126,9 @@ def generate_responses(
         return result
     lm, tok = load_for_generation(model)
     rows = _read_prompts(prompts, tok)
-    limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
-    encoded = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
-    if too_long:  # checked for the whole file before the first generate call
-        raise ValueError(f"{prompts}: prompts on lines {too_long[:10]} exceed {limit} tokens; shorten them")
+    # checked for the whole file before the first generate call (line numbers of the file, not of a batch)
+    encode_prompts(tok, [r["prompt"] for r in rows],
+                   max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens), prompts)
     torch.manual_seed(seed)
     results, n_tokens = [], 0
     for start in range(0, len(rows), batch_size):
@@ -163,14 +161,7 @@ def _generate_vllm(model: str, prompts: str | None, out: str | None, prompt: str
     rows = [{"prompt": prompt}] if prompt is not None else _read_prompts(prompts, tok)
     where = "--prompt" if prompt is not None else prompts
     context = int(cfg.get("max_position_embeddings", 2048))
-    limit = max_prompt_tokens or (context - max_new_tokens)
-    encoded = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
-    if too_long:
-        raise ValueError(f"{where}: prompts on lines {too_long[:10]} exceed {limit} tokens; shorten them")
-    empty = [i + 1 for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise ValueError(f"{where}: prompts on lines {empty[:10]} are empty")
+    encoded = encode_prompts(tok, [r["prompt"] for r in rows], max_prompt_tokens or (context - max_new_tokens), where)
     batch = {"prompt_token_ids": encoded, "max_new_tokens": max_new_tokens, "temperature": temperature,
              "top_p": top_p, "top_k": top_k, "num_samples": num_samples, "seed": seed, "eos_token_ids": eos}
     reply = run_vllm({"model": os.path.abspath(model), "max_model_len": context, "seed": seed, "batches": [batch]})

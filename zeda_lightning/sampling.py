@@ -66,14 +66,9 @@ def load_for_generation(model: str):
     return from_pretrained(model), tok
 
 
-def sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-           num_samples: int, max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
-    """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
-    (text-major order) and their token counts. Skipped expert slots cost nothing in prefill and decode alike.
-    ``where`` names the prompts' source in errors (a file, ``--prompt``)."""
-    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                   num_samples=num_samples, max_prompt_tokens=max_prompt_tokens)
-    limit = max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens)
+def encode_prompts(tok, texts: list[str], limit: int, where: str) -> list[list[int]]:
+    """Token ids of each prompt, refusing (by line number) any longer than ``limit`` tokens or empty, before
+    anything is generated."""
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     too_long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > limit]
     if too_long:
@@ -81,6 +76,17 @@ def sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float
     empty = [i + 1 for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"{where}: prompts on lines {empty[:10]} are empty")
+    return encoded
+
+
+def sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+           num_samples: int, max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
+    """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
+    (text-major order) and their token counts. Skipped expert slots cost nothing in prefill and decode alike.
+    ``where`` names the prompts' source in errors (a file, ``--prompt``)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   num_samples=num_samples, max_prompt_tokens=max_prompt_tokens)
+    encode_prompts(tok, texts, max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens), where)
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         gen = lm.generate(
@@ -150,4 +156,4 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-__all__ = ["check_sampling", "eos_token_ids", "generate_text", "load_for_generation", "sample", "seeded"]
+__all__ = ["check_sampling", "encode_prompts", "eos_token_ids", "generate_text", "load_for_generation", "sample", "seeded"]
