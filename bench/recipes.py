@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from frontier import CORPUS, ROOT, TEACHER, group_w, teacher_dims  # bench/frontier.py, next to this file
+from frontier import CORPUS, ROOT, TEACHER, group_w, teacher_dims, write_csv  # bench/frontier.py, next to this file
 from where import interleave_domains  # bench/where.py
 from zeda_lightning.data.module import ZedaDataModule, load_rows
 from zeda_lightning.fsio import atomic_write
@@ -290,19 +290,6 @@ def clean(x):
 def write_results(path: str, summary: dict) -> None:
     with atomic_write(path) as f:
         json.dump(clean(summary), f, indent=1, allow_nan=False)
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
 
 
 def run(s: Settings, sft_lrs, kl_lrs, opd_lrs, work: str, log=print, json_path: str | None = None) -> dict:
