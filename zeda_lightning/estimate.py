@@ -40,7 +40,7 @@ from transformers import AutoConfig
 
 from zeda_lightning.adapters import CONFIG_KEY, adapter_for, inject
 from zeda_lightning.routing import BaseRouter, ZeroExperts, routing_from_config
-from zeda_lightning.sharding import build_empty, decoder_layers
+from zeda_lightning.sharding import build_empty, fsdp_units
 
 PRESETS = ("full", "router_only", "router_and_experts")
 STRATEGIES = ("fsdp2", "fsdp1", "ddp")
@@ -73,15 +73,11 @@ def _numel(model: nn.Module) -> int:
 
 
 def _units(model: nn.Module) -> list[list[str]]:
-    """Parameter names per FSDP2 unit, as ``sharding.shard`` makes them: one per decoder layer, the input
-    embeddings and the output head (one unit if tied), the rest in the root."""
-    layers = decoder_layers(model)
-    modules = list(layers)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if embed is not None and not (head is not None and head.weight is embed.weight):
-        modules += [embed] + ([head] if head is not None else [])
+    """Parameter names per FSDP2 unit, as ``sharding.shard`` makes them (``fsdp_units``): a parameter belongs to
+    the innermost unit that holds it, the root keeps the rest."""
+    *inner, _root = fsdp_units(model)
     names = {id(m): n for n, m in model.named_modules()}
-    units = [[p for p, _ in model.named_parameters() if p.startswith(names[id(m)] + ".")] for m in modules]
+    units = [[p for p, _ in model.named_parameters() if p.startswith(names[id(m)] + ".")] for m in inner]
     inside = {p for u in units for p in u}
     return units + [[p for p, _ in model.named_parameters() if p not in inside]]
 

@@ -274,21 +274,26 @@ def shard(model: nn.Module, mesh, *, compute_dtype: torch.dtype | None = None, a
     forward, the head at its end): with a 150k vocabulary each is as large as a whole MoE layer, and a root unit
     holding both would keep both gathered through the whole forward.
     """
-    layers = decoder_layers(model)
+    units = fsdp_units(model)  # refuses a model without decoder layers before anything changes
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    units = list(layers)
+    for unit in units:  # inner units first, the root last
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # transformers' generate then keeps every rank stepping until all are done (synced_gpus), as FSDP needs
+    model._is_fsdp_managed_module = True
+    return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules ``shard`` wraps, the root last: each decoder layer, the input embeddings and the output head
+    (each its own unit unless tied, then both stay in the root)."""
+    units = list(decoder_layers(model))
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     if embed is not None and not tied:
         units += [embed, head] if head is not None else [embed]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    # transformers' generate then keeps every rank stepping until all are done (synced_gpus), as FSDP needs
-    model._is_fsdp_managed_module = True
-    return model
+    return units + [model]
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
