@@ -26,6 +26,9 @@ the teacher's entropy and KL(teacher || student) per domain and layer, see ``ben
 is a JSON summary.
 
     python bench/frontier.py [--quick] [--out runs/frontier/full] [--ratios 0.25 0.5] [--methods zeda top_p]
+
+On 2 cores, two processes of one thread each (``OMP_NUM_THREADS=1``, each ``--methods`` half, its own ``--out``)
+finish sooner than one of two threads; ``--merge OUT DIR DIR...`` then writes the combined outputs to OUT.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 
 from zeda_lightning.adapters import adapter_for, inject
 from zeda_lightning.analysis import routing_report, token_view, zero_ratio
-from zeda_lightning.callbacks import ZeroShareBiasController
+from zeda_lightning.callbacks import GroupWeightController, ZeroShareBiasController
 from zeda_lightning.data.module import ZedaDataModule, load_rows
 from zeda_lightning.export import from_pretrained
 from zeda_lightning.fsio import atomic_write
@@ -72,7 +75,7 @@ from where import interleave_domains, uncertainty_report  # bench/where.py, next
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "assets/tiny_teacher")
 CORPUS = os.path.join(ROOT, "data/tiny_corpus")
-RATIOS = (0.25, 0.375, 0.5, 0.625)
+RATIOS = (0.25, 0.375, 0.5, 0.625, 0.75)
 METHODS = ("zeda", "null_experts", "top_p", "static_topk", "longcat", "moe_plus_plus", "beam", "adaptive_k")
 ALL_METHODS = METHODS + ("adamoe",)
 
@@ -91,7 +94,8 @@ class Budget:
     longcat_rate: float = 0.02  # bias step per optimiser step (logit units)
     calib_batches: int = 2  # training batches of 4 sequences that calibrate top-p / adaptive-k on the teacher
     calib_iters: int = 10  # bisection steps for top-p's p and adaptive-k's threshold scale
-    beam_coef: float = 0.1  # BEAM sparsity coefficient (its sign follows the realised share, see BeamSparsity)
+    beam_coef: float = 0.3  # BEAM sparsity coefficient (its sign follows the realised share, see BeamSparsity)
+    group_rate: float = 0.03  # GroupWeightController: w *= exp(rate sign(target - share)) per step (ZEDA, MoE++)
     seed: int = 0
     sample_chars: int = 160  # characters of each domain's first test document shown token by token
 
@@ -190,7 +194,8 @@ def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list
         for r in targets:
             if method == "zeda":
                 w = group_w(r, n, n // 2)
-                plans.append(Plan(method, r, f"w={w:.3g}", ZeroExperts(seed=seed), {"aux_loss": "group", "group_w": w}))
+                plans.append(Plan(method, r, f"w0={w:.3g}", ZeroExperts(seed=seed), {"aux_loss": "group", "group_w": w},
+                                  [GroupWeightController(target=r, rate=budget.group_rate)]))
             elif method in ("null_experts", "adamoe"):
                 routing = NullExperts(rho=1.0 - r, seed=seed) if method == "null_experts" else AdaMoE(1.0 - r, seed)
                 plans.append(Plan(method, r, f"rho={1 - r:.3g}", routing, {"aux_loss": "switch"}))
@@ -204,7 +209,8 @@ def make_plans(methods, targets, budget: Budget, dims: dict, calib_batches: list
             elif method == "moe_plus_plus":
                 variant = MoEPlusPlus(seed=seed)
                 w = group_w(r, n, variant.num_zero_experts)
-                plans.append(Plan(method, r, f"w={w:.3g}", variant, {"aux_loss": "group", "group_w": w}))
+                plans.append(Plan(method, r, f"w0={w:.3g}", variant, {"aux_loss": "group", "group_w": w},
+                                  [GroupWeightController(target=r, rate=budget.group_rate)]))
             elif method == "beam":
                 loss = BeamSparsity(coef=budget.beam_coef, target=r)
                 plans.append(Plan(method, r, f"target={r}", Beam(), {"aux_loss": loss}))
@@ -415,6 +421,28 @@ def run(budget: Budget, methods=METHODS, ratios=RATIOS, out: str = "runs/frontie
     return summary
 
 
+def merge(out: str, parts: list[str]) -> dict:
+    """One set of outputs under ``out`` from runs of the same budget written to ``parts`` (each a ``--out``)."""
+    summaries, where = [], {}
+    for part in parts:
+        with open(os.path.join(part, "frontier.json")) as f:
+            summaries.append(json.load(f))
+        with open(os.path.join(part, "where.json")) as f:
+            where.update(json.load(f))
+    first = summaries[0]
+    if any(s["budget"] != first["budget"] or s["dims"] != first["dims"] for s in summaries):
+        raise ValueError(f"--merge: {parts} were run with different budgets or teachers; merge runs of one budget")
+    rows = [r for s in summaries for r in s["rows"]]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    os.makedirs(out, exist_ok=True)
+    summary = write_outputs(out, rows, where, Budget(**first["budget"]), first["dims"], methods,
+                            max(s["seconds"] for s in summaries), sum(s["runs_planned"] for s in summaries))
+    summary["seconds_per_part"] = [s["seconds"] for s in summaries]
+    with atomic_write(os.path.join(out, "frontier.json")) as f:
+        f.write(json.dumps(summary, indent=1))
+    return summary
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"smoke budget: {QUICK.steps} steps, ratio 0.5 only (~3 min)")
@@ -422,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=None, help=f"target zero ratios (default {RATIOS})")
     p.add_argument("--methods", nargs="+", default=None, help=f"methods (default {METHODS}; also: adamoe)")
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps per run (default {FULL.steps})")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="write the outputs of these finished --out folders, combined, to --out (no training)")
     return p.parse_args(argv)
 
 
@@ -432,6 +462,10 @@ def main(argv: list[str] | None = None) -> dict:
         budget = replace(budget, steps=args.steps)
     ratios = tuple(args.ratios or ((0.5,) if args.quick else RATIOS))
     out = args.out or os.path.join("runs/frontier", "quick" if args.quick else "full")
+    if args.merge:
+        summary = merge(out, args.merge)
+        print(json.dumps({k: summary[k] for k in ("bench", "teacher_nll", "matched_flops", "seconds", "runs_done")}))
+        return summary
     summary = run(budget, tuple(args.methods or METHODS), ratios, out, log=lambda s: print(s, file=sys.stderr))
     print(f"\n{'method':>13} {'knob':>12} {'FLOP frac':>9} {'NLL':>7} {'KL':>7} {'agree':>6}   teacher NLL "
           f"{summary['teacher_nll']:.4f}")

@@ -4,7 +4,9 @@ every rank holds the same bias."""
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,7 @@ import textwrap
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from tests.helpers import router_on_logits
 from zeda_lightning.callbacks import ZeroShareBiasController
@@ -106,3 +109,48 @@ def test_two_processes_sum_their_counts_and_hold_the_same_bias(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     biases = [json.loads((tmp_path / f"bias.{rank}").read_text()) for rank in (0, 1)]
     assert biases == pytest.approx([-0.03, -0.03])
+
+
+# -- GroupWeightController ------------------------------------------------------------------------------------------
+def _controller_run(tmp_path, tiny_teacher, tiny_data, *, steps, ckpt=None, aux_loss="group"):
+    from tests.modules.test_distill import make_config, read_metrics, series
+    from zeda_lightning.cli import cli_main
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config, root = make_config(tmp_path, tiny_teacher, tiny_data, steps=steps, lr=0.01, group_w=2.0, aux_loss=aux_loss)
+    cfg = yaml.safe_load(open(config))
+    cfg["trainer"]["val_check_interval"] = None
+    cfg["trainer"]["limit_val_batches"] = 0
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 2, "save_top_k": -1}},
+        {"class_path": "zeda_lightning.callbacks.GroupWeightController", "init_args": {"target": 0.7, "rate": 0.05}},
+    ]
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    cli_main(["fit", "--config", config] + (["--ckpt_path", ckpt] if ckpt else []))
+    rows = read_metrics(root)
+    return root, series(rows, "train/group_w"), series(rows, "train/controller_zero_share"), series(rows, "train/zero_ratio")
+
+
+def test_group_weight_controller_moves_w_by_the_realised_share_and_resumes_from_it(tmp_path, tiny_teacher, tiny_data):
+    root, ws, shares, zero_ratios = _controller_run(tmp_path / "a", tiny_teacher, tiny_data, steps=4)
+    assert len(ws) == len(shares) == 4
+    # the share the controller counted is the step's logged zero ratio (one micro-batch per step)
+    assert shares == pytest.approx(zero_ratios, abs=1e-6)
+    # w <- w exp(rate sign(target - share)) from L_GA's configured w = 2, once per optimiser step
+    expected, w = [], 2.0
+    for s in shares:
+        w *= math.exp(0.05 * math.copysign(1.0, 0.7 - s))
+        expected.append(w)
+    assert ws == pytest.approx(expected, rel=1e-5)
+    assert all(s < 0.7 for s in shares) and ws[-1] > 2.0  # too few zero slots: w grows
+    # killed after step 2 and resumed: the checkpoint carries w, so steps 3-4 continue from it, not from w = 2
+    (ckpt,) = glob.glob(str(root / "ckpt" / "*step=2*.ckpt"))
+    _, resumed_ws, _, _ = _controller_run(tmp_path / "b", tiny_teacher, tiny_data, steps=4, ckpt=ckpt)
+    assert resumed_ws == pytest.approx(ws[2:], rel=1e-6)
+
+
+def test_group_weight_controller_refuses_a_run_without_l_ga(tmp_path, tiny_teacher, tiny_data):
+    with pytest.raises(ValueError, match="GroupWeightController found no GroupBalance"):
+        _controller_run(tmp_path, tiny_teacher, tiny_data, steps=1, aux_loss="none")

@@ -168,6 +168,21 @@ class TrainModuleBase(L.LightningModule):
                 "Nothing from this step was applied or saved; lower the learning rate, then resume from the last "
                 "checkpoint (--ckpt_path last)")
 
+    def tally_train_slots(self, records, token_mask: Tensor) -> None:
+        """Add one training forward's skipped and all (token, slot) pairs to the tally a controller callback takes
+        once per optimiser step (:meth:`take_train_slot_tally`)."""
+        skipped = torch.stack([r.skipped for r in records.values()])[:, token_mask.reshape(-1).bool()]  # (L, T', K)
+        counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)]).double()
+        tally = getattr(self, "_train_slot_tally", None)
+        self._train_slot_tally = counts if tally is None else tally + counts
+
+    def take_train_slot_tally(self) -> Tensor:
+        """``[skipped, all]`` (token, slot) pairs of this process's training forwards since the last take (zeros
+        when none ran), then reset."""
+        tally = getattr(self, "_train_slot_tally", None)
+        self._train_slot_tally = None
+        return torch.zeros(2, dtype=torch.float64, device=self.device) if tally is None else tally
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_weights(f"not saving checkpoint at step {self.global_step}: the trained weights")

@@ -203,6 +203,7 @@ class ZedaDistillModule(TrainModuleBase):
         self.check_finite({"distillation": distill, "aux": aux},
                           detail=lambda name: self.nonfinite_layers(records, token_mask) if name == "aux" else None)
         loss = distill + aux
+        self.tally_train_slots(records, token_mask)
         # NOTE: averaged over processes, so a sharded run logs the same curve as one process with its global batch
         self.log_train({"loss": loss, "distill_loss": distill, "aux_loss": aux,
                         "zero_ratio": zero_ratio(records, token_mask)}, batch["input_ids"].shape[0])

@@ -267,6 +267,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         self.check_finite({"policy": policy_loss, "aux": aux},
                           detail=lambda name: self.nonfinite_layers(records, token_mask) if name == "aux" else None)
         loss = policy_loss + aux
+        self.tally_train_slots(records, token_mask)
         bs = rollout["input_ids"].shape[0]
         self.log_train({
             "loss": loss, "policy_loss": policy_loss, "aux_loss": aux,
