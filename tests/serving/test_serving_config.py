@@ -15,7 +15,14 @@ from tests.helpers import export_zero_expert_student, single_thread  # noqa: F40
 from zeda_lightning import NullExperts, ZeroExperts, inject
 from zeda_lightning.export import export_model, from_pretrained
 from zeda_lightning.generate import generate_responses
-from zeda_lightning.serving import VLLM_PYTHON_ENV, check_servable, served_architectures, vllm_python
+from zeda_lightning.serving import (
+    SERVED_FAMILIES,
+    VLLM_PYTHON_ENV,
+    check_servable,
+    check_servable_config,
+    served_architectures,
+    vllm_python,
+)
 from zeda_lightning.tiny import tiny_model
 
 
@@ -34,7 +41,8 @@ def test_an_export_records_the_plugins_architecture_and_still_loads_in_transform
     out = export_model(model, str(tmp_path / "student"), AutoTokenizer.from_pretrained(tiny_teacher))
     cfg = _config(out)
     assert cfg["architectures"] == ["ZedaQwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
-    assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe"}
+    assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe", "ZedaQwen2MoeForCausalLM": "qwen2_moe",
+                                      "ZedaOlmoeForCausalLM": "olmoe", "ZedaMixtralForCausalLM": "mixtral"}
     assert check_servable(out)["zeda_routing"]["class_path"].endswith("ZeroExperts")
     # the transformers load picks its class by model_type: the same model, logit for logit
     reloaded = from_pretrained(out)
@@ -55,9 +63,10 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     with pytest.raises(ValueError, match="not a zeda export"):
         check_servable(tiny_teacher)
-    mixtral = export_model(inject(tiny_model("mixtral"), ZeroExperts(seed=0)), str(tmp_path / "mixtral"), tok)
-    with pytest.raises(ValueError, match=r"serves zeda exports of \['qwen3_moe'\], not 'mixtral'.*--engine hf"):
-        check_servable(mixtral)
+    granite = export_model(inject(tiny_model("granitemoe"), ZeroExperts(seed=0)), str(tmp_path / "granite"), tok)
+    with pytest.raises(ValueError, match=r"serves zeda exports of \['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\], "
+                                         r"not 'granitemoe'.*--engine hf"):
+        check_servable(granite)
     null = export_model(inject(from_pretrained(tiny_teacher), NullExperts()), str(tmp_path / "null"), tok)
     with pytest.raises(ValueError, match="zero_experts routing only"):
         check_servable(null)
@@ -68,6 +77,33 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
     (old / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="re-export the model"):
         check_servable(str(old))
+
+
+@pytest.mark.parametrize("family", sorted(set(SERVED_FAMILIES) - {"qwen3_moe"}))
+def test_every_served_family_exports_servable(tmp_path, tiny_teacher, family):
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    out = export_model(inject(tiny_model(family), ZeroExperts(seed=0)), str(tmp_path / family), tok)
+    cfg = check_servable(out)  # qwen2_moe: its shared expert is served
+    assert cfg["architectures"] == ["Zeda" + SERVED_FAMILIES[family]]
+    assert bool(cfg.get("shared_expert_intermediate_size")) == (family == "qwen2_moe")
+
+
+def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, tiny_teacher):
+    routing = {"zeda_routing": ZeroExperts(seed=0).to_config()}
+    cfg = {**tiny_model("mixtral").config.to_dict(), **routing}
+    with pytest.raises(ValueError, match=r"shared experts are not supported .* for 'mixtral'"):
+        check_servable_config({**cfg, "shared_expert_intermediate_size": 16}, "x")
+    with pytest.raises(ValueError, match=r"vLLM's mixtral model computes sliding_window=None, this config has 16"):
+        check_servable_config({**cfg, "sliding_window": 16}, "x")
+    with pytest.raises(ValueError, match="experts run SiLU.*'gelu'"):
+        check_servable_config({**cfg, "hidden_act": "gelu"}, "x")
+    olmoe = {**tiny_model("olmoe").config.to_dict(), **routing}
+    check_servable_config(olmoe, "x")
+    with pytest.raises(ValueError, match=r"olmoe model computes clip_qkv=None, this config has 8.0; use --engine hf"):
+        check_servable_config({**olmoe, "clip_qkv": 8.0}, "x")
+    qwen2 = {**tiny_model("qwen2_moe").config.to_dict(), **routing}
+    with pytest.raises(ValueError, match=r"qwen2_moe model computes qkv_bias=True, this config has False"):
+        check_servable_config({**qwen2, "qkv_bias": False}, "x")
 
 
 def test_generate_engine_is_checked_before_anything_is_written(tmp_path, tiny_teacher, student, monkeypatch):

@@ -3,7 +3,8 @@
 vLLM pins a transformers older than this package's, so it lives in its own environment (``scripts/vllm_env.sh``
 builds ``.vllm-venv``). The main environment talks to it through a subprocess (:func:`run_vllm`), which runs
 :mod:`zeda_lightning.serving.worker` there; the model classes themselves are in :mod:`zeda_lightning.serving.plugin`,
-the only module that imports vLLM, registered through the ``vllm.general_plugins`` entry point.
+registered through the ``vllm.general_plugins`` entry point (it and :mod:`zeda_lightning.serving.families`, one file
+per family, are the only modules that import vLLM).
 """
 
 from __future__ import annotations
@@ -20,8 +21,25 @@ from zeda_lightning.export import SERVING_ARCH_PREFIX, check_model_dir, serving_
 from zeda_lightning.routing import routing_from_config
 from zeda_lightning.routing.zero_experts import ZeroExperts
 
-#: model_type -> the transformers architecture the plugin serves a zeda export of (vLLM has a CPU model for it)
-SERVED_FAMILIES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+#: model_type -> the transformers architecture the plugin serves a zeda export of (vLLM has a CPU model for it;
+#: the model class is ``zeda_lightning/serving/families/<model_type>.py``)
+SERVED_FAMILIES = {
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+
+#: families whose served block has the shared expert (``shared_expert_intermediate_size`` > 0 allowed)
+SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe"})
+
+#: model_type -> {config key: the one value vLLM's model for the family computes (also transformers' default)}:
+#: vLLM would serve another value differently from transformers, so it is refused
+_VLLM_ASSUMES: dict[str, dict[str, object]] = {
+    "qwen2_moe": {"qkv_bias": True, "use_sliding_window": False},
+    "olmoe": {"rms_norm_eps": 1e-5, "clip_qkv": None, "tie_word_embeddings": False},
+    "mixtral": {"sliding_window": None},
+}
 
 #: environment variable naming the vLLM environment's python (default: ``<repo>/.vllm-venv/bin/python``)
 VLLM_PYTHON_ENV = "ZEDA_VLLM_PYTHON"
@@ -47,8 +65,16 @@ def check_servable_config(cfg: dict, where: str) -> ZeroExperts:
     if type(routing) is not ZeroExperts:
         raise ValueError(f"{where}: the vLLM plugin serves the zero_experts routing only, not "
                          f"{cfg[CONFIG_KEY].get('class_path')!r}; use the transformers engine (--engine hf)")
-    if cfg.get("shared_expert_intermediate_size", 0):
-        raise ValueError(f"{where}: shared experts are not supported by the zeda vLLM plugin; use --engine hf")
+    if cfg.get("shared_expert_intermediate_size", 0) and family not in SHARED_EXPERT_FAMILIES:
+        raise ValueError(f"{where}: shared experts are not supported by the zeda vLLM plugin for {family!r} (only "
+                         f"{sorted(SHARED_EXPERT_FAMILIES)}); use --engine hf")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: the zeda vLLM plugin's experts run SiLU (vLLM's fused-MoE default), not "
+                         f"{cfg['hidden_act']!r}; use --engine hf")
+    for key, served in _VLLM_ASSUMES.get(family, {}).items():
+        if cfg.get(key, served) != served:
+            raise ValueError(f"{where}: vLLM's {family} model computes {key}={served!r}, this config has "
+                             f"{cfg[key]!r}; use --engine hf")
     return routing
 
 
@@ -111,5 +137,5 @@ def run_vllm(request: dict, timeout: float | None = None) -> dict:
             return json.load(f)
 
 
-__all__ = ["SERVED_FAMILIES", "SERVING_ARCH_PREFIX", "check_servable", "check_servable_config", "run_vllm",
-           "served_architectures", "vllm_env", "vllm_python"]
+__all__ = ["SERVED_FAMILIES", "SERVING_ARCH_PREFIX", "SHARED_EXPERT_FAMILIES", "check_servable",
+           "check_servable_config", "run_vllm", "served_architectures", "vllm_env", "vllm_python"]
