@@ -312,7 +312,7 @@ def compare_at_matched_flops(rows: list[dict], reference: str = "zeda") -> list[
         entry = {"target": r["target"], "expert_flop_fraction": round(x, 4)}
         for metric in metrics:
             others = {m: interpolate(pts, x) for m, pts in frontiers[metric].items()}
-            suffix = "" if metric == "nll" else "_kl"
+            suffix = "_nll" if metric == "nll" else "_kl"
             entry[metric] = round(r[metric], 4)
             entry[f"others_{metric}"] = {m: None if v is None else round(v, 4) for m, v in others.items()}
             entry[f"leads{suffix}"] = {m: None if v is None else bool(r[metric] < v) for m, v in others.items()}

@@ -46,12 +46,12 @@ def test_compare_at_matched_flops_uses_realised_fractions():
     ]
     (m,) = frontier.compare_at_matched_flops(rows)
     assert m["others_nll"]["top_p"] == pytest.approx(2.30 - 0.2 * 0.05 / 0.3, abs=1e-4)
-    assert m["leads"] == {"top_p": True, "static_topk": None}
+    assert m["leads_nll"] == {"top_p": True, "static_topk": None}
     assert "leads_kl" not in m  # rows without KL compare NLL only
     kls = (0.06, 0.02, 0.10, 0.03)
     (m,) = frontier.compare_at_matched_flops([{**r, "kl_to_teacher": kl} for r, kl in zip(rows, kls)])
     assert m["others_kl_to_teacher"]["top_p"] == pytest.approx(0.10 - 0.08 * 0.05 / 0.3, abs=1e-4)
-    assert m["leads_kl"] == {"top_p": True, "static_topk": None} and m["leads"]["top_p"]
+    assert m["leads_kl"] == {"top_p": True, "static_topk": None} and m["leads_nll"]["top_p"]
 
 
 def test_outputs_written_and_read_back(tmp_path):
@@ -61,7 +61,7 @@ def test_outputs_written_and_read_back(tmp_path):
                                      ("zeda",), 1.0, 1)
     assert sorted(os.listdir(tmp_path)) == ["frontier.csv", "frontier.json", "frontier.png", "where.json"]
     assert frontier.read_csv(str(tmp_path / "frontier.csv")) == rows
-    assert summary["runs_done"] == 1 and summary["matched_flops"][0]["leads"] == {}
+    assert summary["runs_done"] == 1 and summary["matched_flops"][0]["leads_nll"] == {}
 
 
 def test_bad_arguments_fail_before_any_output(tmp_path):
