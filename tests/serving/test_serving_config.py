@@ -17,6 +17,7 @@ from zeda_lightning.export import export_model, from_pretrained
 from zeda_lightning.generate import generate_responses
 from zeda_lightning.serving import (
     SERVED_FAMILIES,
+    SHARED_EXPERT_FAMILIES,
     VLLM_PYTHON_ENV,
     check_servable,
     check_servable_config,
@@ -42,7 +43,9 @@ def test_an_export_records_the_plugins_architecture_and_still_loads_in_transform
     cfg = _config(out)
     assert cfg["architectures"] == ["ZedaQwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
     assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe", "ZedaQwen2MoeForCausalLM": "qwen2_moe",
-                                      "ZedaOlmoeForCausalLM": "olmoe", "ZedaMixtralForCausalLM": "mixtral"}
+                                      "ZedaOlmoeForCausalLM": "olmoe", "ZedaMixtralForCausalLM": "mixtral",
+                                      "ZedaGlm4MoeForCausalLM": "glm4_moe",
+                                      "ZedaGraniteMoeForCausalLM": "granitemoe"}
     assert check_servable(out)["zeda_routing"]["class_path"].endswith("ZeroExperts")
     # the transformers load picks its class by model_type: the same model, logit for logit
     reloaded = from_pretrained(out)
@@ -63,10 +66,10 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     with pytest.raises(ValueError, match="not a zeda export"):
         check_servable(tiny_teacher)
-    granite = export_model(inject(tiny_model("granitemoe"), ZeroExperts(seed=0)), str(tmp_path / "granite"), tok)
-    with pytest.raises(ValueError, match=r"serves zeda exports of \['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'\], "
-                                         r"not 'granitemoe'.*--engine hf"):
-        check_servable(granite)
+    flex = export_model(inject(tiny_model("flex_olmo"), ZeroExperts(seed=0)), str(tmp_path / "flex"), tok)
+    with pytest.raises(ValueError, match=r"serves zeda exports of \['glm4_moe', 'granitemoe', 'mixtral', 'olmoe', "
+                                         r"'qwen2_moe', 'qwen3_moe'\], not 'flex_olmo'.*--engine hf"):
+        check_servable(flex)
     null = export_model(inject(from_pretrained(tiny_teacher), NullExperts()), str(tmp_path / "null"), tok)
     with pytest.raises(ValueError, match="zero_experts routing only"):
         check_servable(null)
@@ -83,9 +86,10 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
 def test_every_served_family_exports_servable(tmp_path, tiny_teacher, family):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     out = export_model(inject(tiny_model(family), ZeroExperts(seed=0)), str(tmp_path / family), tok)
-    cfg = check_servable(out)  # qwen2_moe: its shared expert is served
+    cfg = check_servable(out)  # qwen2_moe, glm4_moe: their shared experts are served
     assert cfg["architectures"] == ["Zeda" + SERVED_FAMILIES[family]]
-    assert bool(cfg.get("shared_expert_intermediate_size")) == (family == "qwen2_moe")
+    has_shared = bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"))
+    assert has_shared == (family in SHARED_EXPERT_FAMILIES) == (family in ("qwen2_moe", "glm4_moe"))
 
 
 def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, tiny_teacher):
@@ -104,6 +108,16 @@ def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, 
     qwen2 = {**tiny_model("qwen2_moe").config.to_dict(), **routing}
     with pytest.raises(ValueError, match=r"qwen2_moe model computes qkv_bias=True, this config has False"):
         check_servable_config({**qwen2, "qkv_bias": False}, "x")
+    glm4 = {**tiny_model("glm4_moe").config.to_dict(), **routing}
+    check_servable_config(glm4, "x")  # its shared experts (n_shared_experts) are served
+    with pytest.raises(ValueError, match=r"glm4_moe model computes tie_word_embeddings=False, this config has True"):
+        check_servable_config({**glm4, "tie_word_embeddings": True}, "x")
+    granite = {**tiny_model("granitemoe").config.to_dict(), **routing}
+    check_servable_config(granite, "x")
+    with pytest.raises(ValueError, match=r"granitemoe model computes attention_bias=False, this config has True"):
+        check_servable_config({**granite, "attention_bias": True}, "x")
+    with pytest.raises(ValueError, match=r"shared experts are not supported .* for 'granitemoe'"):
+        check_servable_config({**granite, "n_shared_experts": 1}, "x")
 
 
 def test_generate_engine_is_checked_before_anything_is_written(tmp_path, tiny_teacher, student, monkeypatch):

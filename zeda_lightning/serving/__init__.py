@@ -28,10 +28,12 @@ SERVED_FAMILIES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
 }
 
 #: families whose served block has the shared expert (``shared_expert_intermediate_size`` > 0 allowed)
-SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe"})
+SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe", "glm4_moe"})
 
 #: model_type -> {config key: the one value vLLM's model for the family computes (also transformers' default)}:
 #: vLLM would serve another value differently from transformers, so it is refused
@@ -39,6 +41,8 @@ _VLLM_ASSUMES: dict[str, dict[str, object]] = {
     "qwen2_moe": {"qkv_bias": True, "use_sliding_window": False},
     "olmoe": {"rms_norm_eps": 1e-5, "clip_qkv": None, "tie_word_embeddings": False},
     "mixtral": {"sliding_window": None},
+    "glm4_moe": {"tie_word_embeddings": False},
+    "granitemoe": {"attention_bias": False},
 }
 
 #: environment variable naming the vLLM environment's python (default: ``<repo>/.vllm-venv/bin/python``)
@@ -65,7 +69,8 @@ def check_servable_config(cfg: dict, where: str) -> ZeroExperts:
     if type(routing) is not ZeroExperts:
         raise ValueError(f"{where}: the vLLM plugin serves the zero_experts routing only, not "
                          f"{cfg[CONFIG_KEY].get('class_path')!r}; use the transformers engine (--engine hf)")
-    if cfg.get("shared_expert_intermediate_size", 0) and family not in SHARED_EXPERT_FAMILIES:
+    if (cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")) and \
+            family not in SHARED_EXPERT_FAMILIES:
         raise ValueError(f"{where}: shared experts are not supported by the zeda vLLM plugin for {family!r} (only "
                          f"{sorted(SHARED_EXPERT_FAMILIES)}); use --engine hf")
     if cfg.get("hidden_act", "silu") != "silu":

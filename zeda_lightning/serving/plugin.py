@@ -2,7 +2,8 @@
 
 ``register`` (entry point ``vllm.general_plugins: zeda``) registers one model class per served family
 (:data:`zeda_lightning.serving.SERVED_FAMILIES`) under the architecture name an export records
-(``ZedaQwen3MoeForCausalLM``, ``ZedaQwen2MoeForCausalLM``, ``ZedaOlmoeForCausalLM``, ``ZedaMixtralForCausalLM``).
+(``ZedaQwen3MoeForCausalLM``, ``ZedaQwen2MoeForCausalLM``, ``ZedaOlmoeForCausalLM``, ``ZedaMixtralForCausalLM``,
+``ZedaGlm4MoeForCausalLM``, ``ZedaGraniteMoeForCausalLM``).
 Each class, in :mod:`zeda_lightning.serving.families`, is vLLM's own model for the family with one change per MoE
 layer, :class:`~zeda_lightning.serving.families.base.ZedaSparseMoeBlock`: the package's router with the family's
 scoring, and only the kept (token, slot) pairs handed to vLLM's fused-MoE layer (a shared expert, where the family

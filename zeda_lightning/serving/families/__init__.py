@@ -6,7 +6,14 @@ subpackage imports vLLM: only :mod:`zeda_lightning.serving.plugin` imports it. A
 import below, its entry in :data:`zeda_lightning.serving.SERVED_FAMILIES`.
 """
 
-from zeda_lightning.serving.families import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401  (registers)
+from zeda_lightning.serving.families import (  # noqa: F401  (registers)
+    glm4_moe,
+    granitemoe,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from zeda_lightning.serving.families.base import FAMILY_CLASSES, ZedaSparseMoeBlock, kept_pair_routing
 
 __all__ = ["FAMILY_CLASSES", "ZedaSparseMoeBlock", "kept_pair_routing"]

@@ -76,12 +76,15 @@ class ZedaSparseMoeBlock(nn.Module):
         shared_expert: vLLM's shared-expert module of the family (its gate applied inside), or ``None``.
         shared_expert_gate: that gate, registered as the block's ``shared_expert_gate`` as well (the checkpoint's
             name), before ``shared_expert`` so the deduplicated module tree keeps that name.
+        shared_expert_name: the shared expert's attribute (checkpoint) name, ``shared_experts`` for GLM-4.5.
+        has_correction_bias: the router carries ``e_score_correction_bias`` (N + N_Z, fp32), loaded from the weights.
     """
 
     def __init__(self, vllm_config: VllmConfig, prefix: str, *, num_experts: int, top_k: int,
                  intermediate_size: int, scoring: RouterScoring, ckpt_names: tuple[str, str, str] | None = None,
                  is_fused_checkpoint_transposed: bool = False, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: nn.Module | None = None) -> None:
+                 shared_expert_gate: nn.Module | None = None, shared_expert_name: str = "shared_expert",
+                 has_correction_bias: bool = False) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_text_config
         routing = check_servable_config(config.to_dict(), "vLLM model config")
@@ -92,11 +95,12 @@ class ZedaSparseMoeBlock(nn.Module):
         dims = MoEDims(hidden_size=config.hidden_size, num_experts=num_experts, top_k=top_k)
         # the package's router, parameter for parameter: weight (N + N_Z, H) and the zero_logit_bias buffer
         self.gate = ZeroExpertRouter(dims, scoring, routing.resolve_num_zero(dims), routing.mask_zero,
-                                     has_bias=False, has_correction_bias=False)
+                                     has_bias=False, has_correction_bias=has_correction_bias)
         self.gate.layer_idx = extract_layer_index(prefix)
         if shared_expert_gate is not None:
             self.shared_expert_gate = shared_expert_gate
-        self.shared_expert = shared_expert
+        self._shared_name = shared_expert_name
+        setattr(self, shared_expert_name, shared_expert)
         self.experts = FusedMoEFactory(
             num_experts=num_experts, top_k=1, hidden_size=config.hidden_size, intermediate_size=intermediate_size,
             renormalize=False, custom_routing_function=kept_pair_routing, quant_config=vllm_config.quant_config,
@@ -125,8 +129,9 @@ class ZedaSparseMoeBlock(nn.Module):
             y = self.experts(hidden_states=h[tok].contiguous(), router_logits=encoded)  # (S', H), weighted
             # NOTE: per token in slot order, as transformers' sentinel hook sums them on CPU
             result.index_add_(0, tok, y.to(result.dtype))
-        if self.shared_expert is not None:  # transformers: routed sum + gated shared expert, on every token
-            result = result + self.shared_expert(h)
+        shared = getattr(self, self._shared_name)
+        if shared is not None:  # transformers: routed sum + (gated) shared expert, on every token
+            result = result + shared(h)
         return result.view(shape)
 
 
