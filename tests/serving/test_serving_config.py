@@ -45,7 +45,6 @@ def test_an_export_records_the_plugins_architecture_and_still_loads_in_transform
     assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe", "ZedaQwen2MoeForCausalLM": "qwen2_moe",
                                       "ZedaOlmoeForCausalLM": "olmoe", "ZedaMixtralForCausalLM": "mixtral",
                                       "ZedaGlm4MoeForCausalLM": "glm4_moe",
-                                      "ZedaGlm4MoeLiteForCausalLM": "glm4_moe_lite",
                                       "ZedaGraniteMoeForCausalLM": "granitemoe"}
     assert check_servable(out)["zeda_routing"]["class_path"].endswith("ZeroExperts")
     # the transformers load picks its class by model_type: the same model, logit for logit
@@ -68,7 +67,7 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
     with pytest.raises(ValueError, match="not a zeda export"):
         check_servable(tiny_teacher)
     flex = export_model(inject(tiny_model("flex_olmo"), ZeroExperts(seed=0)), str(tmp_path / "flex"), tok)
-    with pytest.raises(ValueError, match=r"serves zeda exports of \['glm4_moe', 'glm4_moe_lite', 'granitemoe', 'mixtral', 'olmoe', "
+    with pytest.raises(ValueError, match=r"serves zeda exports of \['glm4_moe', 'granitemoe', 'mixtral', 'olmoe', "
                                          r"'qwen2_moe', 'qwen3_moe'\], not 'flex_olmo'.*--engine hf"):
         check_servable(flex)
     null = export_model(inject(from_pretrained(tiny_teacher), NullExperts()), str(tmp_path / "null"), tok)
@@ -87,10 +86,10 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
 def test_every_served_family_exports_servable(tmp_path, tiny_teacher, family):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     out = export_model(inject(tiny_model(family), ZeroExperts(seed=0)), str(tmp_path / family), tok)
-    cfg = check_servable(out)  # qwen2_moe, glm4_moe(_lite): their shared experts are served
+    cfg = check_servable(out)  # qwen2_moe, glm4_moe: their shared experts are served
     assert cfg["architectures"] == ["Zeda" + SERVED_FAMILIES[family]]
     has_shared = bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"))
-    assert has_shared == (family in SHARED_EXPERT_FAMILIES) == (family in ("qwen2_moe", "glm4_moe", "glm4_moe_lite"))
+    assert has_shared == (family in SHARED_EXPERT_FAMILIES) == (family in ("qwen2_moe", "glm4_moe"))
 
 
 def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, tiny_teacher):
@@ -113,10 +112,6 @@ def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, 
     check_servable_config(glm4, "x")  # its shared experts (n_shared_experts) are served
     with pytest.raises(ValueError, match=r"glm4_moe model computes tie_word_embeddings=False, this config has True"):
         check_servable_config({**glm4, "tie_word_embeddings": True}, "x")
-    lite = {**tiny_model("glm4_moe_lite").config.to_dict(), **routing}
-    check_servable_config(lite, "x")  # its shared experts are served
-    with pytest.raises(ValueError, match=r"glm4_moe_lite model computes rope_interleave=True, this config has False"):
-        check_servable_config({**lite, "rope_interleave": False}, "x")
     granite = {**tiny_model("granitemoe").config.to_dict(), **routing}
     check_servable_config(granite, "x")
     with pytest.raises(ValueError, match=r"granitemoe model computes attention_bias=False, this config has True"):

@@ -29,12 +29,11 @@ SERVED_FAMILIES = {
     "olmoe": "OlmoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
-    "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM",
 }
 
 #: families whose served block has the shared expert (``shared_expert_intermediate_size`` > 0 allowed)
-SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe", "glm4_moe", "glm4_moe_lite"})
+SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe", "glm4_moe"})
 
 #: model_type -> {config key: the one value vLLM's model for the family computes (also transformers' default)}:
 #: vLLM would serve another value differently from transformers, so it is refused
@@ -43,7 +42,6 @@ _VLLM_ASSUMES: dict[str, dict[str, object]] = {
     "olmoe": {"rms_norm_eps": 1e-5, "clip_qkv": None, "tie_word_embeddings": False},
     "mixtral": {"sliding_window": None},
     "glm4_moe": {"tie_word_embeddings": False},
-    "glm4_moe_lite": {"tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False},
     "granitemoe": {"attention_bias": False},
 }
 

@@ -8,7 +8,6 @@ import below, its entry in :data:`zeda_lightning.serving.SERVED_FAMILIES`.
 
 from zeda_lightning.serving.families import (  # noqa: F401  (registers)
     glm4_moe,
-    glm4_moe_lite,
     granitemoe,
     mixtral,
     olmoe,
