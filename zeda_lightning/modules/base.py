@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 from typing_extensions import override
 
+from zeda_lightning.analysis import stacked_skips
 from zeda_lightning.checkpointing import check_finite_state, checkpoint_meta, resolve_last
 from zeda_lightning.export import check_export_target, export_model
 from zeda_lightning.sharding import check_strategy, gather_for_export, is_sharded
@@ -171,7 +172,7 @@ class TrainModuleBase(L.LightningModule):
     def tally_train_slots(self, records, token_mask: Tensor) -> None:
         """Add one training forward's skipped and all (token, slot) pairs to the tally a controller callback takes
         once per optimiser step (:meth:`take_train_slot_tally`)."""
-        skipped = torch.stack([r.skipped for r in records.values()])[:, token_mask.reshape(-1).bool()]  # (L, T', K)
+        skipped = stacked_skips(records)[:, token_mask.reshape(-1).bool()]  # (L, T', K)
         counts = torch.stack([skipped.sum(), torch.tensor(skipped.numel(), device=skipped.device)]).double()
         tally = getattr(self, "_train_slot_tally", None)
         self._train_slot_tally = counts if tally is None else tally + counts
