@@ -17,8 +17,10 @@ injected, and the memory per GPU is counted from the tensors' shapes:
                                                         on-policy: B = prompts x num_samples, S = prompt + response)
     layer inputs        L x B x S x H x compute bytes    (kept for the recompute, with activation checkpointing)
     rollout gathered    on-policy under FSDP2 (``rollout_gather`` not ``per_layer``): the whole student gathered for
-                        sampling, P_s x compute bytes x (W - 1) / W; the peak counts the larger of it and the
-                        step's transients (gathered units, logits, activations)
+                        sampling, (P_s + the largest unit) x compute bytes: FSDP2 copies every unit out of its
+                        all-gather buffer into new full-size parameters beside the local shards (the shards are
+                        not reused), and the last unit's buffer is alive while it is copied out; the peak counts
+                        the larger of it and the step's transients (gathered units, logits, activations)
     activations         B x S x a x compute bytes x (L + 1), or x 2 with activation checkpointing: what one layer
                         keeps for backward (``activation_values_per_token``: a per token) for every layer, or for
                         the one being recomputed, plus its gradients
@@ -167,7 +169,7 @@ def estimate(model_dir: str, routing, *, devices: int, num_nodes: int, precision
             total = sum(parts.values())
             if rollout_gather and strategy == "fsdp2":
                 # sampling holds the whole student gathered (rollout_gather: once) instead of the step's transients
-                parts["rollout_gathered"] = params * compute * (shards - 1) / shards
+                parts["rollout_gathered"] = (params + largest_unit) * compute
                 transients = sum(parts[k] for k in ("gathered", "logits", "layer_inputs", "activations"))
                 total += max(0.0, parts["rollout_gathered"] - transients)
             out.append(Estimate(preset, strategy, world, params, trainable, teacher_params,

@@ -156,12 +156,10 @@ def build_empty(path_or_config, routing: RoutingVariant | None = None, reader: "
             raise ValueError("injecting routing into an empty model needs the original router rows: pass reader")
         adapter = adapter_for(model)
         for name, block in adapter.find_blocks(model):
-            router = getattr(block, adapter.router_attr)
-            router.to_empty(device="cpu")
-            prefix = f"{name}.{adapter.router_attr}."
-            with torch.no_grad():
-                for key, t in router.state_dict(keep_vars=True).items():
-                    t.copy_(reader.rows(prefix + key, 0, t.shape[0] if t.dim() else 0, t.shape))
+            getattr(block, adapter.router_attr).to_empty(device="cpu")
+            with torch.no_grad():  # the router's tensors, and those its family keeps in the block (LFM2's bias)
+                for key, t in adapter.original_state(block).items():
+                    t.copy_(reader.rows(f"{name}.{key}", 0, t.shape[0] if t.dim() else 0, t.shape))
         inject(model, routing)
     return model
 
@@ -377,14 +375,10 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def unsharded_bytes(model: nn.Module, compute_dtype: torch.dtype | None = None) -> int:
-    """Bytes the gathered parameters of ``model`` take beyond this rank's shards (in ``compute_dtype``, the
-    mixed-precision policy's, else their storage dtype)."""
-    total = 0
-    for p in model.parameters():
-        if isinstance(p, DTensor):
-            itemsize = (compute_dtype or p.dtype).itemsize
-            total += (p.numel() - p.to_local().numel()) * itemsize
-    return total
+    """Bytes the gathered parameters of ``model`` take beside this rank's shards (in ``compute_dtype``, the
+    mixed-precision policy's, else their storage dtype): FSDP2 unshards into new full-size tensors, so a rank's own
+    shard is held twice while gathered."""
+    return sum(p.numel() * (compute_dtype or p.dtype).itemsize for p in model.parameters() if isinstance(p, DTensor))
 
 
 def fits_unsharded(model: nn.Module, compute_dtype: torch.dtype | None = None, headroom: float = 0.75) -> bool:

@@ -383,6 +383,14 @@ def _rollouts_under_fsdp2(rank, world, port, out):
                                            max_new_tokens=12, rollout_gather=mode)
             module.use_models(build_fsdp2(module.spec, mesh, torch.float32, None))
             units = sum(1 for m in module.student.modules() if type(m).__name__.startswith("FSDP"))
+            if mode == "once":  # what the gathered student holds beside the shards, against what is planned for
+                from zeda_lightning.sharding import unsharded_bytes, unsharded_for_generation
+                planned = unsharded_bytes(module.student)
+                shards = {p.to_local().untyped_storage().data_ptr() for p in module.student.parameters()}
+                with unsharded_for_generation(module.student):
+                    held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                            for p in module.student.parameters()}
+                report["gathered_bytes"] = (planned, sum(n for ptr, n in held.items() if ptr not in shards))
             gathers[0] = 0
             rollout = module.sample(ids, mask, seed=5)
             report[mode] = {"gathers": gathers[0], "units": units, "seq": rollout["input_ids"],
@@ -405,6 +413,8 @@ def test_sharded_rollouts_gathered_once_match_the_per_layer_path(tmp_path):
         assert once["gathers"] == once["units"]  # one all-gather per unit for the whole rollout
         assert per_layer["gathers"] >= 10 * per_layer["units"]  # re-gathered at every decode step
         assert auto["gathers"] == auto["units"]  # the tiny student fits: auto gathers once
+        planned, held = r["gathered_bytes"]  # what `auto` and the estimate plan for is what gathering allocates
+        assert held > 0 and abs(planned - held) <= 0.01 * held, (planned, held)
         for other in (once, auto):
             assert torch.equal(other["seq"], per_layer["seq"])
             assert torch.equal(other["response_mask"], per_layer["response_mask"])
