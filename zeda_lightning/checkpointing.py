@@ -14,11 +14,15 @@ truncated ``last.ckpt``. A distributed checkpoint is written into its directory 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import glob
+import importlib
 import io
 import os
 import pickle
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 
-from zeda_lightning.fsio import atomic_write, fsync_replace
+from zeda_lightning.fsio import atomic_write, fsync_replace, remove_write_leftovers
 from zeda_lightning.routing.base import routing_from_config
 
 _DCP_METADATA = ".metadata"
@@ -43,6 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        remove_write_leftovers(path)  # of a save that was killed (the run lock makes this process the only writer)
         with atomic_write(path, "wb") as f:
             torch.save(checkpoint, f)
 
@@ -109,8 +114,15 @@ class _MetadataUnpickler(pickle.Unpickler):
                 "torch.distributed.checkpoint._extension", "torch.distributed.checkpoint.planner")
 
     def find_class(self, module: str, name: str):
-        if module in self._MODULES and not name.startswith("__"):
-            return super().find_class(module, name)
+        if module in self._MODULES:
+            # NOTE: only a plain name (pickle resolves "a.b" attribute by attribute: "os.system" would reach the
+            # module's imports) naming a dataclass or enum defined in that very module: constructing one calls
+            # nothing but its field assignments.
+            obj = getattr(sys.modules.get(module) or importlib.import_module(module), name, None) if "." not in name else None
+            if (isinstance(obj, type) and obj.__module__ == module
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
+                return obj
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                                                torch.memory_format))):
             return getattr(torch, name)

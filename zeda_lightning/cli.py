@@ -87,6 +87,9 @@ class ZedaCLI(LightningCLI):
     def before_test(self) -> None:
         self._preflight()
 
+    def before_predict(self) -> None:
+        self._preflight()
+
 
 class ZedaConfigCLI(ZedaCLI):
     """ZedaCLI's parser (fit's, without the subcommand), parsed only: ``--config YAML`` and overrides such as

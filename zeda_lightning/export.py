@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 from zeda_lightning.adapters import CONFIG_KEY, inject, routing_state_keys
 from zeda_lightning.checkpoint_keys import CheckpointKeys
 from zeda_lightning.fsio import atomic_dir, fsync_path, pid_alive
-from zeda_lightning.routing import routing_from_config
+from zeda_lightning.routing import BaseRouter, routing_from_config
 from zeda_lightning.routing.zero_experts import BUDGET_BUFFER, ZeroExpertRouter
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
@@ -312,8 +312,10 @@ BUDGET_KEY = "zeda_budget"
 
 
 def budget_routers(model: nn.Module) -> dict[str, ZeroExpertRouter]:
-    """The model's zero-expert routers in layer order, by the state-dict key of their zero-logit bias buffer."""
-    found = [(f"{name}.{BUDGET_BUFFER}", m) for name, m in model.named_modules() if isinstance(m, ZeroExpertRouter)]
+    """The model's routers holding a zero-logit bias buffer, in layer order, by the buffer's state-dict key (any
+    router that keeps the buffer, not only :class:`ZeroExpertRouter` and its subclasses)."""
+    found = [(f"{name}.{BUDGET_BUFFER}", m) for name, m in model.named_modules()
+             if isinstance(m, BaseRouter) and BUDGET_BUFFER in m._buffers]
     return dict(sorted(found, key=lambda item: item[1].layer_idx))
 
 
@@ -359,9 +361,9 @@ def _recorded_biases(model: nn.Module, where: str) -> list[float] | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("zero_logit_bias"), list):
         raise ValueError(f"{where}: {BUDGET_KEY} must be a dict with a 'zero_logit_bias' list, got {entry!r}")
     layers = [r.layer_idx for r in budget_routers(model).values()]
-    if list(entry.get("layers", layers)) != layers:
-        raise ValueError(f"{where}: {BUDGET_KEY}.layers {entry['layers']} do not match the model's zero-expert layers "
-                         f"{layers}; recalibrate with `python -m zeda_lightning budget`")
+    if entry.get("layers", layers) != layers:
+        raise ValueError(f"{where}: {BUDGET_KEY}.layers {entry['layers']!r} do not match the model's zero-expert "
+                         f"layers {layers}; recalibrate with `python -m zeda_lightning budget`")
     values = entry["zero_logit_bias"]
     if len(values) != len(layers) or _as_stored(values) is None or not all(math.isfinite(v) for v in values):
         raise ValueError(f"{where}: {BUDGET_KEY}.zero_logit_bias must hold one finite number per zero-expert layer "

@@ -5,11 +5,26 @@ still runs. Plain ``os`` only, importable from every layer."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO
+
+
+def remove_write_leftovers(path: str | os.PathLike) -> list[str]:
+    """Remove the temporaries a killed :func:`atomic_write` of ``path`` left beside it (``.<name>.*.tmp``, each as
+    large as the file); returns them. Only for a writer that owns ``path`` (a run holding its lock): a concurrent
+    writer's temporary would go too."""
+    path = os.path.abspath(os.fspath(path))
+    pattern = os.path.join(glob.escape(os.path.dirname(path)), f".{glob.escape(os.path.basename(path))}.*.tmp")
+    removed = []
+    for stale in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+            removed.append(stale)
+    return removed
 
 
 @contextlib.contextmanager
@@ -156,3 +171,14 @@ def pid_alive(pid) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+def process_start(pid: int) -> str | None:
+    """When ``pid`` started, in clock ticks since boot (Linux ``/proc``), or ``None`` where unknown: a lock that
+    records it tells a reused pid from its owner."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    except (OSError, IndexError, ValueError):
+        return None
+

@@ -42,6 +42,13 @@ class GroupedRatio(Metric):
     def seen(self) -> Tensor:
         return self.denominator > 0
 
+    def by_name(self, names: list[str]) -> dict[str, Tensor]:
+        """``{name: ratio}`` of the groups that saw data (synced like :meth:`compute`).
+
+        NOTE: torchmetrics squeezes a one-element result to 0-d (one MoE layer, one domain): kept 1-d here."""
+        seen = self.seen().reshape(-1)
+        return {name: v for name, v, ok in zip(names, self.compute().reshape(-1), seen) if ok}
+
 
 class WeightedMean(Metric):
     """``sum(value_i * weight_i) / sum(weight_i)``, synced by summing both; a NaN or inf value propagates.
@@ -122,8 +129,5 @@ class DistillMetrics(MetricCollection):
             for layer, v in zip(self.layer_ids, self["zero_by_layer"].compute().reshape(-1)):
                 out[f"zero_ratio/layer_{layer}"] = v
         if self.domains:
-            seen = self["zero_by_domain"].seen().reshape(-1)
-            for name, v, ok in zip(self.domains, self["zero_by_domain"].compute().reshape(-1), seen):
-                if ok:
-                    out[f"zero_ratio/{name}"] = v
+            out.update({f"zero_ratio/{name}": v for name, v in self["zero_by_domain"].by_name(self.domains).items()})
         return out

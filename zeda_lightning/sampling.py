@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import AutoTokenizer
+from torch import Tensor
+from transformers import AutoTokenizer, GenerationConfig
 
 from zeda_lightning.export import check_model_dir, from_pretrained
 
@@ -79,6 +80,36 @@ def encode_prompts(tok, texts: list[str], limit: int, where: str) -> list[list[i
     return encoded
 
 
+@torch.no_grad()
+def sample_ids(lm, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, temperature: float,
+               top_p: float, top_k: int, num_samples: int, pad: int, eos: list[int],
+               synced_gpus: bool = False) -> Tensor:
+    """The one ``generate`` call (KV cache) behind stage-1 data, ``generate_text`` and stage-2 rollouts:
+    ``(B * num_samples, P + G)`` ids, greedy at ``temperature == 0``. ``top_k`` is always passed (left unset,
+    transformers' default would silently truncate to the top 50); nothing else comes from the model directory."""
+    greedy = temperature == 0
+    ours = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None if greedy else top_k,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    # NOTE: transformers fills every setting left unset from the model directory's generation_config.json
+    # (repetition_penalty, suppress_tokens, bad_words_ids, min_new_tokens...): a downloaded file would silently
+    # change stage-1 data and make rollouts off-policy. Only the settings above apply while sampling.
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=eos, pad_token_id=pad)
+    try:
+        return lm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=ours,
+                           synced_gpus=synced_gpus)
+    finally:
+        lm.generation_config = saved
+
+
 def sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
            num_samples: int, max_prompt_tokens: int | None, where: str) -> tuple[list[str], list[int]]:
     """transformers ``generate`` (KV cache) on left-padded ``texts``: ``num_samples`` decoded responses per text
@@ -87,20 +118,10 @@ def sample(lm, tok, texts: list[str], *, max_new_tokens: int, temperature: float
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    num_samples=num_samples, max_prompt_tokens=max_prompt_tokens)
     encode_prompts(tok, texts, max_prompt_tokens or (lm.config.max_position_embeddings - max_new_tokens), where)
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        gen = lm.generate(
-            **batch.to(lm.device),
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            # explicit: left unset, transformers' default (or the checkpoint's) silently truncates to the top 50
-            top_k=top_k if temperature > 0 else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=eos_token_ids(lm, tok),
-        )
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    gen = sample_ids(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples,
+                     pad=tok.pad_token_id, eos=eos_token_ids(lm, tok))
     new = gen[:, batch["input_ids"].shape[1] :]
     texts_out = [tok.decode(seq, skip_special_tokens=True) for seq in new]
     return texts_out, [int((seq != tok.pad_token_id).sum()) for seq in new]
@@ -156,4 +177,7 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-__all__ = ["check_sampling", "encode_prompts", "eos_token_ids", "generate_text", "load_for_generation", "sample", "seeded"]
+__all__ = [
+    "check_sampling", "encode_prompts", "eos_token_ids", "generate_text", "load_for_generation", "sample", "sample_ids",
+    "seeded",
+]

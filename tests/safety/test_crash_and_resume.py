@@ -141,3 +141,20 @@ def test_a_full_disk_leaves_the_previous_checkpoint_whole(tmp_path, tiny_teacher
         assert sorted(series(metrics(tmp_path / "run"), "train/loss")) == [2]
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_the_temporary_of_a_save_killed_mid_write_is_removed_by_the_next_save(tmp_path, tiny_teacher, tiny_data):
+    """A kill inside ``torch.save`` leaves ``.last.ckpt.<random>.tmp`` (as large as a checkpoint) beside
+    ``last.ckpt``; the run that takes over the directory removes it at its first save, and nothing else."""
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run", tiny_teacher, tiny_data, steps=2, every=2,
+                          export=False)
+    ckpt = tmp_path / "run" / "ckpt"
+    ckpt.mkdir(parents=True)
+    leftover = ckpt / ".last.ckpt.k1ll3d00.tmp"  # mkstemp's name for last.ckpt, as atomic_write makes it
+    leftover.write_bytes(b"PK\x03\x04" + b"\0" * 4096)
+    mine = ckpt / ".notes.tmp"  # the user's, not a checkpoint temporary
+    mine.write_text("keep")
+    proc = run_cli("fit", "--config", config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not leftover.exists() and mine.read_text() == "keep"
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -77,3 +77,43 @@ def test_cli_generate_bad_setting_exits_2_in_one_line_before_loading(tmp_path, f
 def test_tokenizer_is_loaded_without_remote_code(tokenizer_loads):
     _, tok = S.load_for_generation(TEACHER)
     assert tokenizer_loads == [False] and tok.padding_side == "left"
+
+
+def _greedy_by_hand(lm, ids, steps: int) -> list[int]:
+    """Greedy continuation by argmax of full forwards (no cache, no logits processor): the independent reference."""
+    import torch
+
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            out.append(int(lm(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_a_model_directorys_generation_config_does_not_change_sampling(tmp_path):
+    """``generation_config.json`` is data from the download: its repetition penalty, suppressed / banned tokens and
+    minimum length must not reach stage-1 data or rollouts; greedy output equals argmax decoding by hand."""
+    import json
+    import shutil
+
+    from zeda_lightning.export import from_pretrained
+
+    model = tmp_path / "m"
+    shutil.copytree(TEACHER, model)
+    lm, tok = S.load_for_generation(str(model))
+    prompt = "def add(a, b):\n    return"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    expected = _greedy_by_hand(lm, ids, 8)
+    cfg_path = model / "generation_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg.update(repetition_penalty=50.0, suppress_tokens=expected[:2], bad_words_ids=[[t] for t in expected[2:4]],
+               min_new_tokens=8, no_repeat_ngram_size=1)
+    cfg_path.write_text(json.dumps(cfg))
+    assert from_pretrained(str(model)).generation_config.repetition_penalty == 50.0  # the file is read...
+    got = S.generate_text(str(model), prompt, max_new_tokens=8)
+    assert tok(got, add_special_tokens=False)["input_ids"] == expected  # ...and ignored while sampling
+    lm2, tok2 = S.load_for_generation(str(model))
+    out, _ = S.sample(lm2, tok2, [prompt], max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, num_samples=1,
+                      max_prompt_tokens=None, where="prompt")
+    assert tok2(out[0], add_special_tokens=False)["input_ids"] == expected
+    assert lm2.generation_config.repetition_penalty == 50.0  # the caller's model is left as it was

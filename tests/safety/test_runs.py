@@ -96,3 +96,46 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_teacher, tiny
     proc = run_cli("fit", "--config", config)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not os.path.exists(lock)
+
+
+def test_an_empty_lock_of_a_run_killed_while_starting_is_taken_over(tmp_path, tiny_teacher, tiny_data):
+    """Killed between creating its lock and writing its owner, a run leaves an empty lock: once older than the
+    grace period it is stale (it used to be refused forever, naming 'pid None')."""
+    from zeda_lightning.runlock import UNREADABLE_GRACE_S, lock_path
+
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "run", tiny_teacher, tiny_data, steps=1, every=1)
+    lock = lock_path(str(tmp_path / "run" / "ckpt"))
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    open(lock, "w").close()
+    old = os.path.getmtime(lock) - 2 * UNREADABLE_GRACE_S
+    os.utime(lock, (old, old))
+    proc = run_cli("fit", "--config", config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not os.path.exists(lock)
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path):
+    """After a reboot or pid wrap-around a dead run's pid can name a live process: the recorded start time tells."""
+    import socket
+
+    from zeda_lightning.fsio import process_start
+    from zeda_lightning.runlock import RunLock, lock_path
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = str(tmp_path / "out")
+        lock = lock_path(out)
+        owner = {"pid": other.pid, "host": socket.gethostname(), "started": "x", "command": "old run"}
+        with open(lock, "w") as f:  # the live process is the owner it names: refused
+            json.dump({**owner, "proc_start": process_start(other.pid)}, f)
+        with pytest.raises(ValueError, match=f"pid {other.pid}"):
+            RunLock().acquire([out])
+        with open(lock, "w") as f:  # the same pid, started at another time: another process, so the lock is stale
+            json.dump({**owner, "proc_start": "1"}, f)
+        held = RunLock().acquire([out])
+        assert json.load(open(lock))["pid"] == os.getpid()
+        held.release()
+        assert not os.path.exists(lock)
+    finally:
+        other.kill()
+        other.wait()

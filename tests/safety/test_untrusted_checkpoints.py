@@ -46,17 +46,29 @@ def _dcp_dir(path, hparams, meta_pt=None, metadata=None):
     dcp.save({"state_dict": {"x": torch.zeros(2)}}, checkpoint_id=str(path), no_dist=True)
     torch.save(meta_pt if meta_pt is not None else {"hyper_parameters": hparams, "global_step": 4}, str(path / "meta.pt"))
     if metadata is not None:
-        (path / ".metadata").write_bytes(pickle.dumps(metadata))
+        (path / ".metadata").write_bytes(metadata if isinstance(metadata, bytes) else pickle.dumps(metadata))
     return str(path)
 
 
-@pytest.mark.parametrize("where", ["meta.pt", ".metadata"])
+def _dotted_global(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling ``module``'s ``name`` on ``arg``: pickle resolves a dotted ``name`` attribute by
+    attribute, so an allowed module's own imports (``os.system`` in DCP's filesystem module) are reachable."""
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize("where", ["meta.pt", ".metadata", ".metadata via an allowed module's import"])
 def test_a_hostile_distributed_checkpoint_is_never_unpickled(tmp_path, trained, where):
     marker = tmp_path / "MARKER"
     evil = _Exec(_touch(marker))
+    if where.startswith(".metadata via"):
+        evil = _dotted_global("torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}")
     hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]
     ckpt = _dcp_dir(tmp_path / "evil.ckpt", hparams, meta_pt=evil if where == "meta.pt" else None,
-                    metadata=evil if where == ".metadata" else None)
+                    metadata=evil if where.startswith(".metadata") else None)
     for args in (["consolidate", "--ckpt", ckpt, "--out", str(tmp_path / "out")],
                  ["fit", "--config", trained["config"], "--trainer.default_root_dir", str(tmp_path / "r"),
                   "--ckpt_path", ckpt]):
@@ -136,3 +148,4 @@ def test_a_checkpoint_that_is_not_plain_data_is_refused(tmp_path, trained):
     proc = run_cli("fit", "--config", trained["config"], "--ckpt_path", str(evil), *_paths(tmp_path / "r"))
     assert proc.returncode == 2 and any("weights_only=True" in line for line in error_lines(proc)), proc.stderr[-3000:]
     assert not marker.exists() and not (tmp_path / "r").exists()
+

@@ -134,3 +134,47 @@ def test_a_registered_research_variant_loads_from_user_code(tmp_path, tiny_teach
         assert type(from_pretrained(out).model.layers[0].mlp.gate).__name__ == "ZeroExpertRouter"
     finally:
         ROUTING_VARIANTS.pop("test_my_zero")
+
+
+@pytest.mark.parametrize("record", [
+    {"layers": 5, "zero_logit_bias": [0.0]},
+    {"layers": "0123", "zero_logit_bias": [0.0, 0.0, 0.0, 0.0]},
+    {"zero_logit_bias": "1e9"},
+    {"zero_logit_bias": [float("nan")] * 4},
+    ["not", "a", "dict"],
+])
+def test_a_hostile_budget_record_is_one_clear_error(tmp_path, tiny_teacher, record):
+    """``config.json``'s ``zeda_budget`` is a readable record: malformed, it is refused naming the field (no
+    traceback from deep inside the loader), on the API and on the command line."""
+    from zeda_lightning.export import from_pretrained
+
+    model = tmp_path / "m"
+    export_zero_expert_student(tiny_teacher, str(model))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["zeda_budget"] = record
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="zeda_budget"):
+        from_pretrained(str(model))
+    proc = run_cli("generate", "--model", str(model), "--prompt", "x", "--max_new_tokens", "1")
+    assert proc.returncode == 2 and any("zeda_budget" in line for line in error_lines(proc)), proc.stderr[-2000:]
+
+
+def test_a_loadable_directory_with_auto_map_and_custom_generate_runs_none_of_it(hostile, monkeypatch):
+    """With a valid routing record the loaders read everything else: ``auto_map`` (config and tokenizer) and
+    ``custom_generate/`` are never followed, in the API (working directory importable) and on the command line."""
+    from zeda_lightning.export import from_pretrained
+    from zeda_lightning.sampling import generate_text
+
+    model, marker = hostile
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["zeda_routing"]["class_path"] = "zeda_lightning.routing.ZeroExperts"
+    (model / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(model.parent)
+    monkeypatch.syspath_prepend(str(model.parent))
+    assert type(from_pretrained("hubmodel")).__name__ == "Qwen3MoeForCausalLM"
+    assert isinstance(generate_text("hubmodel", "def f(", max_new_tokens=2), str)
+    proc = run_cli("generate", "--model", "hubmodel", "--prompt", "def f(", "--max_new_tokens", "2",
+                   cwd=str(model.parent))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not marker.exists(), "code from the model directory ran"
+    assert not any(m.startswith(("configuration_evil", "tokenization_evil", "hubmodel")) for m in sys.modules)

@@ -136,7 +136,7 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """``AutoTokenizer.from_pretrained(path)`` from local files only."""
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def tokenizer_stats(tokenizer: Any, jsonl_path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from zeda_lightning.losses.kd import masked_mean, token_kl
 from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage
 from zeda_lightning.modules.distill import ZedaDistillModule
 from zeda_lightning.routing.base import capture_routing
-from zeda_lightning.sampling import eos_token_ids, seeded
+from zeda_lightning.sampling import eos_token_ids, sample_ids, seeded
 from zeda_lightning.sharding import fits_unsharded, is_sharded, param_dtypes, unsharded_for_generation
 
 
@@ -170,11 +170,9 @@ class OnPolicyDistillModule(ZedaDistillModule):
         start = time.perf_counter()
         with (self.generation_weights() as synced, capture_routing(student, accumulate=True) as records,
               seeded(sample_seed, prompt_ids.device)):
-            seq = student.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=self.sampling_temperature,
-                top_p=self.top_p, top_k=0, max_new_tokens=self.max_new_tokens, num_return_sequences=self.num_samples,
-                pad_token_id=pad, eos_token_id=eos, synced_gpus=synced,
-            )
+            seq = sample_ids(student, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
+                             temperature=self.sampling_temperature, top_p=self.top_p, top_k=0,
+                             num_samples=self.num_samples, pad=pad, eos=eos, synced_gpus=synced)
         elapsed = time.perf_counter() - start
         student.train(was_training)
         plen = prompt_ids.shape[1]

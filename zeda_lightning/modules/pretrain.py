@@ -89,10 +89,8 @@ class LMPretrainModule(TrainModuleBase):
     @override
     def on_validation_epoch_end(self) -> None:
         if self.domains and bool(self.domain_nll.seen().any()):
-            values = self.domain_nll.compute()
-            for name, v, seen in zip(self.domains, values, self.domain_nll.seen()):
-                if seen:
-                    self.log(f"val/nll/{name}", v)
+            for name, v in self.domain_nll.by_name(self.domains).items():
+                self.log(f"val/nll/{name}", v)
         self.domain_nll.reset()
 
     @override
