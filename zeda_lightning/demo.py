@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from zeda_lightning.adapters import describe, inject, set_zero_mask
+from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.routing import capture_routing, get_routing
 from zeda_lightning.tiny import FAMILIES, tiny_model
 
@@ -41,8 +42,8 @@ def demo_main(family: Family = "qwen3_moe", routing: str = "zero_experts", zero_
         with torch.no_grad():
             exact = bool(torch.equal(model(ids).logits, ref))
         set_zero_mask(model, False)
-    per_layer = {str(i): round(r.skipped.float().mean().item(), 4) for i, r in sorted(rec.items())}
-    skipped = torch.cat([r.skipped.flatten() for r in rec.values()]).float().mean().item()
+    per_layer = {str(i): round(zero_ratio([r]).item(), 4) for i, r in sorted(rec.items())}
+    skipped = zero_ratio(rec).item()
     return {
         **describe(model),
         "zero_ratio": round(skipped, 4),

@@ -32,7 +32,7 @@ import tokenizers
 import transformers
 from filelock import FileLock
 
-from zeda_lightning.fsio import atomic_write
+from zeda_lightning.fsio import atomic_write, fsync_replace
 
 FORMAT = 1  # bump when the layout or the meaning of a column changes
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -136,7 +136,7 @@ def build_entry(root: str, key: str, build: Callable[[str], dict[str, Any]]) -> 
             final = os.path.join(root, key)
             if os.path.isdir(final):  # an incomplete entry (no meta): replace it
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            fsync_replace(tmp, final)  # durable: a crash after this leaves the whole entry or none
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
