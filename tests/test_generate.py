@@ -155,7 +155,7 @@ def test_sampling_uses_the_whole_vocabulary_every_eos_and_leaves_the_caller_stat
     seen = {}
 
     def fake_generate(**kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs.pop("generation_config").to_dict(), **kwargs)  # the settings travel as one config
         return kwargs["input_ids"]
 
     lm.generate = fake_generate
