@@ -41,7 +41,8 @@ def test_fit_reports_the_check_that_jsonargparse_wraps(tmp_path):
 
 
 # -- one command line: every subcommand discoverable ----------------------------------------------------------------
-SUBCOMMANDS = ["fit", "validate", "test", "predict", "generate", "budget", "eval", "estimate", "consolidate", "demo"]
+SUBCOMMANDS = ["fit", "validate", "test", "predict", "generate", "budget", "eval", "estimate", "consolidate", "demo",
+               "slice", "corpus", "tokenizer"]
 
 
 def _listing(text: str) -> dict[str, str]:

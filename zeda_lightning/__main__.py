@@ -1,4 +1,5 @@
-"""``python -m zeda_lightning <fit|validate|test|predict|generate|budget|eval|estimate|consolidate|demo> ...``
+"""``python -m zeda_lightning <subcommand> ...``: fit, validate, test, predict, generate, budget, eval, estimate,
+consolidate, demo, slice, corpus, tokenizer (``--help`` lists them with one line each).
 
 Bad input (a ``ValueError`` or a missing / existing file) ends the command with one line naming the problem and
 the fix, exit status 2, instead of a traceback; a diverged run (NaN / inf loss, gradient, weight or metric) ends

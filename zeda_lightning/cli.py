@@ -27,7 +27,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from zeda_lightning.budget import budget_main
 from zeda_lightning.checkpointing import make_checkpoints_atomic
+from zeda_lightning.data.corpus import corpus_main
 from zeda_lightning.data.module import ZedaDataModule
+from zeda_lightning.data.tokenizer import tokenizer_main
 from zeda_lightning.demo import demo_main
 from zeda_lightning.estimate import estimate_main
 from zeda_lightning.generate import generate_responses
@@ -142,6 +144,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "consolidate": Subcommand(consolidate_main),
     "demo": Subcommand(demo_main),
     "slice": Subcommand(slice_main),
+    "corpus": Subcommand(corpus_main),
+    "tokenizer": Subcommand(tokenizer_main),
 }
 
 

@@ -32,8 +32,8 @@ def built(tmp_path_factory):
     pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": pythonpath}
     proc = subprocess.run(
-        [sys.executable, "-m", "zeda_lightning.data.corpus", "--out", str(b), "--seed", "0",
-         "--max-docs-per-domain", str(MAX_DOCS)],
+        [sys.executable, "-m", "zeda_lightning", "corpus", "--out", str(b), "--seed", "0",
+         "--max_docs_per_domain", str(MAX_DOCS)],
         env=env, capture_output=True, text=True, check=True, timeout=300,
     )
     stats_b = json.loads(proc.stdout)
@@ -324,7 +324,9 @@ def test_domains_are_balanced_by_chars(tmp_path):
 
 
 def test_cli_prints_stats(tmp_path, capsys):
-    assert C.main(["--out", str(tmp_path), "--seed", "0", "--max-docs-per-domain", "12"]) == 0
+    from zeda_lightning.cli import main
+
+    main(["corpus", "--out", str(tmp_path), "--seed", "0", "--max_docs_per_domain", "12"])
     stats = json.loads(capsys.readouterr().out)
     assert stats["domains"]["math"]["docs"] == 12
     assert stats["total_bytes"] == sum((tmp_path / f).stat().st_size for f in FILES)

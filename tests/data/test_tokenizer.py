@@ -136,7 +136,9 @@ def test_too_small_vocab_raises(data):
 
 
 def test_cli(data, tmp_path, capsys):
-    assert T.main(["--data", str(data), "--out", str(tmp_path / "t"), "--vocab-size", "512"]) == 0
+    from zeda_lightning.cli import main
+
+    main(["tokenizer", "--data", str(data), "--out", str(tmp_path / "t"), "--vocab_size", "512"])
     stats = json.loads(capsys.readouterr().out)
     assert stats["vocab_size"] <= 512
     assert set(stats["val"]["domains"]) == set(C.DOMAINS)

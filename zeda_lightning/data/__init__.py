@@ -2,7 +2,8 @@
 
 Nothing here downloads anything: the corpus is built from the Python standard library that every
 install ships (source files, docstrings, ``pydoc_data.topics``) plus seeded, generated arithmetic.
-``zeda_lightning.data.corpus`` builds it, ``zeda_lightning.data.tokenizer`` trains a byte-level BPE on it.
+``zeda_lightning.data.corpus`` builds it (``python -m zeda_lightning corpus``), ``zeda_lightning.data.tokenizer``
+trains a byte-level BPE on it (``python -m zeda_lightning tokenizer``).
 Names are imported lazily so that ``python -m zeda_lightning.data.corpus`` runs without a runpy warning
 and importing the package does not pull in ``transformers``.
 """

@@ -21,12 +21,11 @@ domain's documents are a seeded sample of its pool, so small builds (tests) only
 file, a docs topic, a generated document), so no document -- nor any chunk of the same source file -- is in
 both train and val/test; exact duplicate texts are removed inside each domain before splitting.
 
-Run ``python -m zeda_lightning.data.corpus --out DIR [--seed 0]`` to build it and print the stats as JSON.
+Run ``python -m zeda_lightning corpus --out DIR [--seed 0]`` to build it and print the stats as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -1077,22 +1076,18 @@ def build_corpus(
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zeda_lightning.data.corpus", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-docs-per-domain", type=int, default=None)
-    p.add_argument("--chars-per-domain", type=int, default=DEFAULT_CHARS_PER_DOMAIN, help="0: no limit")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--test-fraction", type=float, default=0.05)
-    a = p.parse_args(argv)
-    stats = build_corpus(
-        a.out, seed=a.seed, max_docs_per_domain=a.max_docs_per_domain, val_fraction=a.val_fraction,
-        test_fraction=a.test_fraction, chars_per_domain=a.chars_per_domain or None,
-    )
-    print(json.dumps(stats, indent=2, sort_keys=True))
-    return 0
+def corpus_main(out: str, seed: int = 0, max_docs_per_domain: int | None = None,
+                chars_per_domain: int = DEFAULT_CHARS_PER_DOMAIN, val_fraction: float = 0.05,
+                test_fraction: float = 0.05) -> dict[str, Any]:
+    """Build the tiny multi-domain corpus (code, prose, maths) the embedded teacher is trained on; prints its stats.
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Args:
+        out: output folder
+        seed: the seed of the shuffle and of the generated maths
+        max_docs_per_domain: at most this many documents per domain
+        chars_per_domain: characters per domain (0: no limit)
+        val_fraction: share of each domain's documents in val.jsonl
+        test_fraction: share of each domain's documents in test.jsonl
+    """
+    return build_corpus(out, seed=seed, max_docs_per_domain=max_docs_per_domain, val_fraction=val_fraction,
+                        test_fraction=test_fraction, chars_per_domain=chars_per_domain or None)

@@ -7,13 +7,12 @@
   and ``<|im_end|>`` (ids 1 and 2) for a ChatML chat template like Qwen's.
 * Training is deterministic: texts are fed in file order and the trainer breaks ties by pair (any thread count).
 
-Run ``python -m zeda_lightning.data.tokenizer --data DIR --out DIR --vocab-size 2048``: trains on
+Run ``python -m zeda_lightning tokenizer --data DIR --out DIR --vocab_size 2048``: trains on
 ``DIR/train.jsonl`` and prints stats (vocab size, mean characters per token per domain on ``DIR/val.jsonl``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -157,21 +156,18 @@ def tokenizer_stats(tokenizer: Any, jsonl_path: str | os.PathLike[str]) -> dict[
     return {"vocab_size": len(tokenizer), "domains": dict(sorted(per.items())), "total": total}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zeda_lightning.data.tokenizer", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="corpus folder with train.jsonl (and val.jsonl for the stats)")
-    p.add_argument("--out", required=True, help="tokenizer output folder")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--min-frequency", type=int, default=2)
-    a = p.parse_args(argv)
-    data = Path(a.data)
-    tok = train_tokenizer(data / "train.jsonl", a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
-    stats: dict[str, Any] = {"out": str(Path(a.out).resolve()), "vocab_size": len(tok)}
-    if (data / "val.jsonl").exists():
-        stats["val"] = tokenizer_stats(tok, data / "val.jsonl")
-    print(json.dumps(stats, indent=2, sort_keys=True))
-    return 0
+def tokenizer_main(data: str, out: str, vocab_size: int = 2048, min_frequency: int = 2) -> dict[str, Any]:
+    """Train the byte-level BPE tokenizer of the embedded teacher on a corpus; prints its stats.
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    Args:
+        data: corpus folder with train.jsonl (and val.jsonl for the stats)
+        out: tokenizer output folder
+        vocab_size: vocabulary size
+        min_frequency: least count of a merged pair
+    """
+    folder = Path(data)
+    tok = train_tokenizer(folder / "train.jsonl", out, vocab_size=vocab_size, min_frequency=min_frequency)
+    stats: dict[str, Any] = {"out": str(Path(out).resolve()), "vocab_size": len(tok)}
+    if (folder / "val.jsonl").exists():
+        stats["val"] = tokenizer_stats(tok, folder / "val.jsonl")
+    return stats
