@@ -87,6 +87,22 @@ class ModelSpec:
     teacher_mode: TeacherMode = "separate"
     activation_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        """Argument checks, before any file is read."""
+        if self.trainable not in Trainable.__args__:
+            raise ValueError(f"trainable must be one of {Trainable.__args__}, got {self.trainable!r}")
+        if self.teacher_mode not in TeacherMode.__args__:
+            raise ValueError(f"teacher_mode must be one of {TeacherMode.__args__}, got {self.teacher_mode!r}")
+        if self.teacher_mode == "shared_weights":
+            if self.trainable != "router_only" or not supports(self.routing, MASKABLE):
+                raise ValueError(
+                    "teacher_mode='shared_weights' needs trainable='router_only' and a maskable routing (zero "
+                    "experts: the teacher is the student with them masked, so only router rows may change); use "
+                    "teacher_mode='separate'")
+            if self.student is not None:
+                raise ValueError("teacher_mode='shared_weights' derives the teacher from the student's own weights; "
+                                 "it cannot start from a separate student checkpoint (use teacher_mode='separate')")
+
     @property
     def source(self) -> str:
         return self.student or self.teacher

@@ -33,7 +33,6 @@ from zeda_lightning.modules.builders import (
 )
 from zeda_lightning.modules.teacher import zero_experts_masked
 from zeda_lightning.routing.base import (
-    MASKABLE,
     RouterOutput,
     RoutingVariant,
     capture_routing,
@@ -100,17 +99,7 @@ class ZedaDistillModule(TrainModuleBase):
         self.objective = make_objective(objective, temperature=kl_temperature, beta=beta)
         self.router_loss = make_router_loss(aux_loss, group_alpha=group_alpha, group_w=group_w,
                                             switch_coef=switch_coef, z_loss_coef=z_loss_coef)
-        if trainable not in Trainable.__args__:
-            raise ValueError(f"trainable must be one of {Trainable.__args__}, got {trainable!r}")
-        if teacher_mode not in TeacherMode.__args__:
-            raise ValueError(f"teacher_mode must be one of {TeacherMode.__args__}, got {teacher_mode!r}")
-        if teacher_mode == "shared_weights" and (trainable != "router_only" or not supports(routing, MASKABLE)):
-            raise ValueError(
-                "teacher_mode='shared_weights' needs trainable='router_only' and a maskable routing (zero experts: the "
-                "teacher is the student with them masked, so only router rows may change); use teacher_mode='separate'")
-        if teacher_mode == "shared_weights" and student is not None:
-            raise ValueError("teacher_mode='shared_weights' derives the teacher from the student's own weights; "
-                             "it cannot start from a separate student checkpoint (use teacher_mode='separate')")
+        self.spec = ModelSpec(teacher, student, routing, trainable, teacher_mode, self.activation_checkpointing)
         needs = self.router_loss.requires
         if needs is not None and not supports(routing, needs):
             raise ValueError(f"aux_loss {self.router_loss!r} needs a routing with {needs!r}, which "
@@ -122,7 +111,6 @@ class ZedaDistillModule(TrainModuleBase):
         self.hparams.update(routing=routing.to_config(), objective=self.objective.to_config(),
                             aux_loss=self.router_loss.to_config())
         self.teacher_path, self.student_path, self.routing = teacher, student, routing
-        self.spec = ModelSpec(teacher, student, routing, trainable, teacher_mode, self.activation_checkpointing)
         self.student: nn.Module | None = None
         self.teacher = None  # a FrozenTeacher, outside the module tree; None with shared_weights
         self.eval_metrics: DistillMetrics | None = None
