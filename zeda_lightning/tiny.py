@@ -56,6 +56,13 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=0, head_dim=8, norm_topk_prob=True,
     ),
     "flex_olmo": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0, eos_token_id=1),
+    "ernie4_5_moe": dict(moe_intermediate_size=16, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+                         moe_layer_start_index=0),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, head_dim=8),
+    "lfm2_moe": dict(
+        moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        num_hidden_layers=3, num_dense_layers=1, layer_types=["conv", "full_attention", "conv"],
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(TINY_OVERRIDES)
@@ -79,11 +86,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
+            if name.endswith(("gate.weight", "router.weight", "gate.wg.weight")) and p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif name.endswith("router.bias"):
+            elif name.endswith(("router.bias", "e_score_correction_bias")):  # ERNIE's bias is a frozen parameter
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
     return model.eval()

@@ -44,7 +44,7 @@ def test_structure_and_config(family):
     adapter = adapter_for(original)
     blocks = adapter.find_blocks(original)
     experts_before = {n: [p.data_ptr() for p in b.experts.parameters()] for n, b in blocks}
-    old_rows = {n: getattr(b, adapter.router_attr).weight.detach().clone() for n, b in blocks}
+    old_rows = {n: adapter.original(b).weight.detach().clone() for n, b in blocks}
     model = inject(original, ZeroExperts(seed=0))
     for name, block in adapter.find_blocks(model):
         router = getattr(block, adapter.router_attr)
@@ -77,16 +77,20 @@ def test_router_init_statistics():
     assert ((new.std(0) / old.std(0) - 1).abs() < 0.1).all()
 
 
-def test_gpt_oss_bias_and_sigmoid_correction_bias_grow():
-    for fam, name in [("gpt_oss", "bias"), ("glm4_moe_lite", "e_score_correction_bias")]:
-        model = tiny_model(fam)
-        adapter = adapter_for(model)
-        _, block = adapter.find_blocks(model)[0]
-        old = getattr(getattr(block, adapter.router_attr), name).detach().clone()
-        inject(model, ZeroExperts(seed=0))
-        new = getattr(getattr(block, adapter.router_attr), name)
-        assert new.shape == (12,) and torch.equal(new[:8], old)
-        assert not torch.equal(new[8:], torch.zeros(4))
+@pytest.mark.parametrize("fam, name", [("gpt_oss", "bias"), ("glm4_moe_lite", "e_score_correction_bias"),
+                                       ("ernie4_5_moe", "e_score_correction_bias"),
+                                       ("lfm2_moe", "e_score_correction_bias")])
+def test_router_bias_and_correction_bias_grow(fam, name):
+    """The bias and the correction bias grow N -> N + N_Z wherever the family keeps them (ERNIE: a nested module,
+    LFM2: the block), original entries copied, new ones sampled."""
+    model = tiny_model(fam)
+    adapter = adapter_for(model)
+    _, block = adapter.find_blocks(model)[0]
+    old = getattr(adapter.original(block), name).detach().clone()
+    inject(model, ZeroExperts(seed=0))
+    new = getattr(getattr(block, adapter.router_attr), name)
+    assert new.shape == (12,) and torch.equal(new[:8], old)
+    assert not torch.equal(new[8:], torch.zeros(4))
 
 
 # --- bad input: clear ValueError, model untouched ---------------------------------------------------------------

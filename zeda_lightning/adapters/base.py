@@ -1,9 +1,10 @@
 """Family adapters and the injection converter.
 
 A family adapter is a small diff against :class:`FamilyAdapter`: the original router class, where the block keeps
-it, and the family's scoring rule. :func:`inject` swaps only the routers (original rows copied), hooks the experts so
-skipped slots are never computed, records the routing choice in ``model.config`` and checks that no MoE block was
-missed. The experts' weights and classes are untouched; no modeling file is forked.
+it, the family's scoring rule, and where the family keeps a router tensor the router does not own itself
+(``tensor_homes``, see :mod:`zeda_lightning.adapters.homes`). :func:`inject` swaps only the routers (original rows
+copied), hooks the experts so skipped slots are never computed, records the routing choice in ``model.config`` and
+checks that no MoE block was missed. The experts' weights and classes are untouched; no modeling file is forked.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import importlib
 import re
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from zeda_lightning.routing.scoring import RouterScoring
+from zeda_lightning.adapters.homes import OriginalRouter, find, house
 from zeda_lightning.adapters.skipping import install_sentinel_skip
 from zeda_lightning.routing.base import MASKABLE, BaseRouter, MoEDims, RoutingVariant, supports
 
@@ -35,6 +37,9 @@ class FamilyAdapter:
     scoring_cls: ClassVar[type[RouterScoring]]
     #: attribute of the MoE block that holds the router
     router_attr: ClassVar[str] = "gate"
+    #: router tensors (``weight``, ``bias``, ``e_score_correction_bias``) the family keeps somewhere other than on
+    #: the router, by path relative to the MoE block; the injected router keeps its grown ones there too
+    tensor_homes: ClassVar[dict[str, str]] = {}
     #: why the family cannot be injected (named in the ``ValueError`` every use raises), or ``None``
     unsupported: ClassVar[str | None] = None
 
@@ -42,12 +47,29 @@ class FamilyAdapter:
         module, _, name = self.router_path.partition(":")
         return getattr(importlib.import_module(module), name)
 
+    def original(self, block: nn.Module) -> OriginalRouter:
+        """The block's original router with its tensors read from the family's homes (what ``build`` copies)."""
+        return OriginalRouter(block, self.router_attr, self.tensor_homes)
+
+    def original_state(self, block: nn.Module) -> dict[str, Tensor]:
+        """Every tensor of the block's original router, by key relative to the block: its own state and the homes
+        outside it (LFM2's ``expert_bias``). A loader fills them before injecting."""
+        router = getattr(block, self.router_attr)
+        state = {f"{self.router_attr}.{k}": t for k, t in router.state_dict(keep_vars=True).items()}
+        for path in self.tensor_homes.values():
+            t = find(block, path)
+            if t is not None:
+                state.setdefault(path, t)
+        return state
+
     def scoring(self, router: nn.Module) -> RouterScoring:
         """The family's exact scoring rule, read off an original router instance."""
         return self.scoring_cls.from_router(router)
 
     def dims(self, router: nn.Module) -> MoEDims:
-        return MoEDims(hidden_size=router.hidden_dim, num_experts=router.num_experts, top_k=router.top_k)
+        """The hidden size is read off the weight (some routers, e.g. GraniteMoE's and HunYuan's, keep no
+        ``hidden_dim``)."""
+        return MoEDims(hidden_size=router.weight.shape[1], num_experts=router.num_experts, top_k=router.top_k)
 
     def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(qualified name, block)`` for every MoE block, original or already injected."""
@@ -121,23 +143,24 @@ def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> n
     if missed:
         raise ValueError(f"{adapter.model_type} adapter did not recognise the MoE blocks {missed}; update its router_class")
 
-    plans: list[tuple[nn.Module, BaseRouter]] = []
-    first = getattr(blocks[0][1], adapter.router_attr).weight if blocks else None
+    plans: list[tuple[nn.Module, BaseRouter, OriginalRouter]] = []
+    first = adapter.original(blocks[0][1]).weight
     # one generator for the whole model: every layer's new rows get their own draw
-    generator = routing.make_generator(first.device) if init and first is not None and not first.is_meta else None
+    generator = routing.make_generator(first.device) if init and not first.is_meta else None
     for i, (name, block) in enumerate(blocks):
-        original = getattr(block, adapter.router_attr)
+        original = adapter.original(block)
         dims = adapter.dims(original)
         routing.validate(dims)
         router = routing.build(original, dims, adapter.scoring(original), init=init, generator=generator)
         router.layer_idx = _layer_index(name, i)
-        plans.append((block, router))
+        plans.append((block, router, original))
     # -- nothing above changed the model; from here on, swap -------------------------------------------------
     skip_hooks = []
-    for block, router in plans:
+    for block, router, original in plans:
         setattr(block, adapter.router_attr, router)
+        house(block, router, original, adapter.tensor_homes)
         skip_hooks.append(install_sentinel_skip(block.experts))
-    routing.connect([router for _, router in plans], skip_hooks)
+    routing.connect([router for _, router, _ in plans], skip_hooks)
     setattr(model.config, CONFIG_KEY, routing.to_config())
     if getattr(model.config, "output_router_logits", False):
         # transformers records router logits only from its own router classes, and its balance loss would then
@@ -147,12 +170,15 @@ def inject(model: nn.Module, routing: RoutingVariant, *, init: bool = True) -> n
 
 
 def routing_state_keys(model: nn.Module) -> list[str]:
-    """State-dict keys owned by injected routers (grown or added relative to the original model)."""
-    keys = []
+    """State-dict keys owned by injected routers (grown or added relative to the original model), those they keep
+    in their block included (LFM2's ``expert_bias``)."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    keys: dict[str, None] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, BaseRouter):
-            keys += [f"{name}.{k}" for k in mod.state_dict()]
-    return keys
+            keys.update(dict.fromkeys(f"{name}.{k}" for k in mod.state_dict()))
+            keys.update(dict.fromkeys(f"{names[id(owner)]}.{attr}" for owner, attr, _ in mod.homes.values()))
+    return list(keys)
 
 
 def set_zero_mask(model: nn.Module, masked: bool) -> int:

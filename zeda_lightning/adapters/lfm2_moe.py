@@ -1,20 +1,14 @@
-"""LFM2-MoE (lfm2_moe): not supported; injecting raises a ValueError.
-
-Its MoE block owns the selection bias (the ``expert_bias`` buffer of ``Lfm2MoeSparseMoeBlock``, N entries) and calls
-the router as ``self.gate(hidden_states, expert_bias)``. An injected router takes the hidden states only and owns
-its ``e_score_correction_bias``, so the call would fail, and the bias (outside the router) could not be grown over
-the zero-expert slots.
-"""
+"""LFM2-MoE (lfm2_moe): sigmoid scores, top-k on scores + ``expert_bias``, the unbiased scores renormalised (+1e-6)
+when ``norm_topk_prob``, times ``routed_scaling_factor``. The bias is a buffer of the MoE block (``feed_forward``),
+passed to the router at each call; the injected router keeps its grown bias there and reads it from the block."""
 
 from zeda_lightning.adapters.base import FamilyAdapter, register_adapter
+from zeda_lightning.routing.scoring import SigmoidTopKScoring
 
 
 @register_adapter
 class Lfm2MoeAdapter(FamilyAdapter):
     model_type = "lfm2_moe"
     router_path = "transformers.models.lfm2_moe.modeling_lfm2_moe:Lfm2MoeTopKRouter"
-    unsupported = (
-        "lfm2_moe is not supported: its MoE block keeps the selection bias (expert_bias, a buffer of the block, not "
-        "of the router) and passes it to the router as a second forward argument, which an injected router neither "
-        "accepts nor can grow over the zero-expert slots"
-    )
+    scoring_cls = SigmoidTopKScoring
+    tensor_homes = {"e_score_correction_bias": "expert_bias"}

@@ -76,7 +76,9 @@ class RouterOutput:
 
 class BaseRouter(nn.Module):
     """A drop-in for a family's router. Parameter names follow the original (``weight``, ``bias``,
-    ``e_score_correction_bias``) so checkpoints map key for key; only shapes grow."""
+    ``e_score_correction_bias``) so checkpoints map key for key; only shapes grow. A family that keeps one of them
+    elsewhere (a nested module, or the MoE block) gets it moved there after the swap (``adapters.homes``): the
+    router then reads it through :attr:`homes`, under the same attribute name."""
 
     #: see :data:`MASKABLE`, :data:`ZERO_SLOTS`, :data:`BUDGET`
     capabilities: ClassVar[frozenset[str]] = frozenset()
@@ -98,8 +100,20 @@ class BaseRouter(nn.Module):
         self._sink: Callable[[int, RouterOutput], None] | None = None
         #: (T, K) pool ids to use instead of selecting (routing replay); -1 rows select as usual
         self._replay: Tensor | None = None
+        #: tensor name -> (module keeping it, its attribute there, dims the router sees): set by ``adapters.homes``
+        self.homes: dict[str, tuple[nn.Module, str, int]] = {}
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __getattr__(self, name: str):
+        home = self.__dict__.get("homes", {}).get(name)
+        if home is None:
+            return super().__getattr__(name)
+        owner, attr, dims = home
+        t = getattr(owner, attr)  # read at each use: .to(), to_empty() and FSDP replace the tensor in its owner
+        return t if t.dim() == dims else t.view(t.shape[t.dim() - dims:])  # ERNIE's (1, P) bias -> (P,)
+
+    def forward(self, hidden_states: Tensor, *block_args: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``block_args``: what a block passes beside the hidden states, a tensor this router reads from its home
+        anyway (LFM2's block passes its ``expert_bias``, the router's correction bias); not used."""
         h = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
         out = self.route(h)
         if self._sink is not None:
@@ -137,7 +151,7 @@ class BaseRouter(nn.Module):
         weight, bias, ecb = rows or self._real_logits()
         logits = self.scoring.logits(h, weight, bias)  # (T, N)
         idx, top_scores = self.scoring.select(logits, self.num_experts, k or self.top_k, ecb)
-        return logits, self.scoring.combine(top_scores, logits.dtype), idx
+        return logits, self.scoring.combine(top_scores, self.scoring.weights_dtype(h, logits)), idx
 
     def _output(self, logits: Tensor, weights: Tensor, pool_idx: Tensor, skip: Tensor | None) -> RouterOutput:
         if skip is None:

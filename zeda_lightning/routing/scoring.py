@@ -32,6 +32,10 @@ class RouterScoring(ABC):
     def logits(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(h, weight, bias)  # (T, P)
 
+    def weights_dtype(self, h: Tensor, logits: Tensor) -> torch.dtype:
+        """The dtype the original router casts its combine weights to (most families: its logits')."""
+        return logits.dtype
+
     def pool_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Logits over an extended pool (real + zero / null slots) in fp32 with autocast off, as the ZEDA code
         trains its router: top-K over N + N_Z logits rounded to bf16 ties often, and the aux losses want fp32
@@ -107,6 +111,49 @@ class MixtralScoring(SoftmaxTopKScoring):
         return cls(norm_topk_prob=True, cast_weights=False)
 
 
+class HunYuanScoring(SoftmaxTopKScoring):
+    """HunYuan-MoE-V1: logits in fp32 when the router weight is fp32 (as the checkpoint keeps it), else in the
+    weight's dtype; softmax top-k always renormalised, weights cast back to the logits' dtype."""
+
+    @classmethod
+    def from_router(cls, router) -> HunYuanScoring:
+        return cls(norm_topk_prob=True)
+
+    def logits(self, h, weight, bias=None):
+        return F.linear(h.float() if weight.dtype == torch.float32 else h, weight)  # (T, P)
+
+
+class SoftmaxBiasScoring(RouterScoring):
+    """ERNIE-4.5-MoE: fp32 logits with autocast off; softmax; top-k on ``softmax + e_score_correction_bias``; the
+    unbiased probabilities renormalised with the sum clamped at ``moe_norm_min``, cast to the hidden states' dtype."""
+
+    score_func = "softmax"
+
+    def __init__(self, norm_min: float) -> None:
+        self.norm_min = norm_min
+
+    @classmethod
+    def from_router(cls, router) -> SoftmaxBiasScoring:
+        return cls(router.norm_min)
+
+    def logits(self, h, weight, bias=None):
+        return self.pool_logits(h, weight)  # (T, P) fp32, autocast off: the original's op sequence
+
+    def weights_dtype(self, h, logits):
+        return h.dtype
+
+    def select(self, logits, num_real, k, correction_bias=None):
+        probs = torch.nn.functional.softmax(logits, dim=1, dtype=torch.float)  # (T, P)
+        for_choice = probs + correction_bias if correction_bias is not None else probs
+        indices = torch.topk(for_choice, k, dim=-1)[1]  # (T, k)
+        return indices, probs.gather(-1, indices)
+
+    def combine(self, top_scores, logits_dtype, norm_mask=None):
+        weights = top_scores if norm_mask is None else top_scores.masked_fill(~norm_mask, 0.0)
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
+        return weights.to(logits_dtype)
+
+
 class SigmoidGroupScoring(RouterScoring):
     """DeepSeek-V3, GLM-4.5/4.6 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite).
 
@@ -116,6 +163,8 @@ class SigmoidGroupScoring(RouterScoring):
     """
 
     score_func = "sigmoid"
+    #: added to the renormalisation's denominator
+    norm_eps = 1e-20
 
     def __init__(self, n_group: int, topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool) -> None:
         self.n_group = n_group
@@ -160,8 +209,32 @@ class SigmoidGroupScoring(RouterScoring):
         if norm_mask is not None:
             weights = weights.masked_fill(~norm_mask, 0.0)
         if self.norm_topk_prob or norm_mask is not None:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_eps)
         return weights * self.routed_scaling_factor
+
+
+class SigmoidTopKScoring(SigmoidGroupScoring):
+    """LFM2-MoE: DeepSeek-V3's combine without groups: sigmoid of the logits in their own dtype, top-k (sorted) on
+    ``scores + expert_bias`` (the bias the block owns), the unbiased scores renormalised (+1e-6) when
+    ``norm_topk_prob``, times ``routed_scaling_factor``."""
+
+    norm_eps = 1e-6
+    logits = RouterScoring.logits
+
+    def __init__(self, routed_scaling_factor: float, norm_topk_prob: bool) -> None:
+        super().__init__(1, 1, routed_scaling_factor, norm_topk_prob)
+
+    @classmethod
+    def from_router(cls, router) -> SigmoidTopKScoring:
+        return cls(router.routed_scaling_factor, router.norm_topk_prob)
+
+    def select(self, logits, num_real, k, correction_bias=None):
+        scores = logits.sigmoid()  # (T, P)
+        if correction_bias is None:
+            top_scores, indices = torch.topk(scores, k, dim=-1)  # (T, k)
+            return indices, top_scores
+        indices = torch.topk(scores + correction_bias, k, dim=-1)[1]  # (T, k)
+        return indices, scores.gather(1, indices)
 
 
 class LogitTopKSoftmaxScoring(RouterScoring):
