@@ -4,9 +4,11 @@ One OPD step = sampling (student ``generate`` with KV cache, routing recorded) +
 student's old log-probs under routing replay) + update (student forward/backward under replay, PPO-clip + L_GA,
 optimiser step). Each phase is timed separately over repeated steps (median). Then sampling throughput of the
 student (zero slots skipped) against the teacher on the same prompts, interleaved, same number of new tokens
-(EOS disabled so both generate exactly ``max_new_tokens``).
+(EOS disabled so both generate exactly ``max_new_tokens``). ``--engines hf vllm`` times the same step with rollouts
+from the vLLM engine beside it (``rollout_engine: vllm``, no routing replay; its sampling time includes handing the
+engine the student's weights every rollout), in the same run.
 
-    python bench/opd_step.py [--student runs/tiny/student] [--quick]
+    python bench/opd_step.py [--student runs/tiny/student] [--quick] [--engines hf vllm]
 """
 
 from __future__ import annotations
@@ -35,17 +37,7 @@ def time_phases(module: OnPolicyDistillModule, batch: dict, reps: int) -> dict[s
     opt = torch.optim.AdamW([p for p in module.student.parameters() if p.requires_grad], lr=1e-5)
     phases: dict[str, list[float]] = {"sampling": [], "scoring": [], "update": []}
     for i in range(reps + 1):
-        t0 = time.perf_counter()
-        rollout = module.sample(batch["prompt_ids"], batch["prompt_mask"], seed=i)
-        t1 = time.perf_counter()
-        p = rollout["prompt_len"]
-        response = rollout["input_ids"][:, p:]
-        with torch.no_grad():
-            t_logits = module.teacher_forward(rollout)[:, p - 1 : -1]
-            old = module.rollout_forward(rollout)[0][:, p - 1 : -1]
-        rollout["teacher_logp"] = torch.log_softmax(t_logits.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        rollout["old_logp"] = torch.log_softmax(old.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        rollout["teacher_log_probs"] = torch.log_softmax(t_logits.float(), -1)
+        rollout = module.make_rollout(batch)  # the module's own sampling and scoring, each timed by it
         t2 = time.perf_counter()
         module._rollouts = {0: (module.global_step, rollout)}
         module.rollout_reuse = 10**9  # reuse the rollout just made: the update phase alone
@@ -55,8 +47,8 @@ def time_phases(module: OnPolicyDistillModule, batch: dict, reps: int) -> dict[s
         opt.step()
         t3 = time.perf_counter()
         if i:  # first step is warm-up
-            phases["sampling"].append(t1 - t0)
-            phases["scoring"].append(t2 - t1)
+            phases["sampling"].append(rollout["sample_s"])
+            phases["scoring"].append(rollout["score_s"])
             phases["update"].append(t3 - t2)
     return {k: statistics.median(v) for k, v in phases.items()}
 
@@ -79,20 +71,30 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens sampled per response")
     parser.add_argument("--reps", type=int, default=5, help="timed steps")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (fewer, shorter steps)")
+    parser.add_argument("--engines", nargs="+", default=["hf"], choices=["hf", "vllm"],
+                        help="rollout engines to time (vllm: the vLLM environment of scripts/vllm_env.sh)")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.new_tokens, args.reps = 8, 24, 2
-    torch.manual_seed(0)
-    module = OnPolicyDistillModule(teacher=args.teacher, student=args.student, routing=ZeroExperts(seed=0),
-                                   num_samples=args.samples, max_new_tokens=args.new_tokens)
-    module.configure_model()
     batch = _prompts(args.teacher, args.batch, prompt_tokens=32)
-    phases = time_phases(module, batch, args.reps)
+    by_engine = {}
+    for engine in args.engines:
+        torch.manual_seed(0)
+        module = OnPolicyDistillModule(teacher=args.teacher, student=args.student, routing=ZeroExperts(seed=0),
+                                       num_samples=args.samples, max_new_tokens=args.new_tokens,
+                                       rollout_engine=engine, routing_replay=engine == "hf",
+                                       vllm_engine={"max_model_len": 512})
+        module.configure_model()
+        by_engine[engine] = time_phases(module, batch, args.reps)
+        module.teardown("fit")
+        if engine != "hf":
+            print(f"{engine} rollouts: sampling {by_engine[engine]['sampling']:.3f} s per step")
+    phases = by_engine[args.engines[0]]
     total = sum(phases.values())
     print(f"OPD step ({args.batch} prompts x {args.samples} samples, {args.new_tokens} new tokens), median of {args.reps}:")
     for k, v in phases.items():
         print(f"  {k:9s} {v:7.3f} s  {100 * v / total:5.1f} %")
-    student, teacher = module.student.eval(), module.teacher
+    student, teacher = module.student.eval(), module.teacher.model
     with capture_routing(student) as rec:
         student(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"])
     zero = zero_ratio(rec, batch["prompt_mask"]).item()
@@ -109,6 +111,9 @@ def main() -> None:
         "student_sampling_tok_s": round(s, 1), "teacher_sampling_tok_s": round(t, 1),
         "sampling_speedup": round(s / t, 3), "zero_ratio": round(zero, 3),
         "batch": args.batch, "samples": args.samples, "new_tokens": args.new_tokens,
+        **({"vllm_sampling_s": round(by_engine["vllm"]["sampling"], 4),
+            "vllm_rollout_speedup": round(by_engine["hf"]["sampling"] / by_engine["vllm"]["sampling"], 3)}
+           if {"hf", "vllm"} <= set(by_engine) else {}),
     }))
 
 

@@ -242,3 +242,18 @@ def test_sampling_stops_at_every_eos_id(tiny_teacher):
     module.num_samples = 2
     rollout = module.sample(prompt, torch.ones_like(prompt))
     assert rollout["response_mask"].tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def test_vllm_rollouts_refuse_replay_and_a_missing_environment(tiny_teacher, monkeypatch):
+    """``rollout_engine: vllm`` cannot replay routing (the engine records none) and needs the vLLM environment:
+    both are one-line errors before anything runs."""
+    import zeda_lightning.serving as serving
+
+    with pytest.raises(ValueError, match="records no expert choices"):
+        OnPolicyDistillModule(teacher=tiny_teacher, rollout_engine="vllm")
+    with pytest.raises(ValueError, match="rollout_engine must be"):
+        OnPolicyDistillModule(teacher=tiny_teacher, rollout_engine="sglang", routing_replay=False)
+    monkeypatch.setattr(serving, "vllm_python", lambda: None)
+    module = OnPolicyDistillModule(teacher=tiny_teacher, rollout_engine="vllm", routing_replay=False)
+    with pytest.raises(ValueError, match="scripts/vllm_env.sh"):
+        module.preflight(None)

@@ -21,12 +21,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 from typing_extensions import override
 
+from zeda_lightning.adapters import CONFIG_KEY
 from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.losses.kd import masked_mean, token_kl
 from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage
 from zeda_lightning.modules.distill import ZedaDistillModule
 from zeda_lightning.routing.base import capture_routing
 from zeda_lightning.sampling import eos_token_ids, sample_ids, seeded
+from zeda_lightning.serving import check_servable_config, require_vllm_python
+from zeda_lightning.serving.engine import VllmEngine
 from zeda_lightning.sharding import fits_unsharded, is_sharded, param_dtypes, unsharded_for_generation
 
 
@@ -53,6 +56,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
         rank then decodes alone (TRL's ``unwrap_model_for_generation``); ``per_layer``: each layer re-gathered at
         every decode step with all ranks in lockstep (``synced_gpus``); ``auto``: ``once`` when the gathered student
         fits every rank's free memory (75 % of it), else ``per_layer``. FSDP1 always runs ``per_layer``.
+    rollout_engine: ``hf`` (transformers ``generate``, in this process) or ``vllm``: a vLLM engine beside the run
+        (:class:`~zeda_lightning.serving.engine.VllmEngine`, the vLLM environment of ``scripts/vllm_env.sh``) loads
+        the student's weights before every rollout and samples it; one process only, and without routing replay
+        (the engine records no expert choices).
+    vllm_engine: the engine's settings (``dtype``, ``max_model_len``, ``kv_cache_memory_bytes``, ``max_num_seqs``).
     """
 
     def __init__(
@@ -70,6 +78,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         lmbda: float = 1.0,
         seed: int = 0,
         rollout_gather: Literal["auto", "once", "per_layer"] = "auto",
+        rollout_engine: Literal["hf", "vllm"] = "hf",
+        vllm_engine: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if num_samples < 1:
@@ -85,6 +95,11 @@ class OnPolicyDistillModule(ZedaDistillModule):
                              "student's sampling temperature) and, for off-policy steps, kl_temperature")
         if rollout_gather not in ("auto", "once", "per_layer"):
             raise ValueError(f"rollout_gather must be 'auto', 'once' or 'per_layer', got {rollout_gather!r}")
+        if rollout_engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout_engine must be 'hf' or 'vllm', got {rollout_engine!r}")
+        if rollout_engine == "vllm" and routing_replay:
+            raise ValueError("rollout_engine='vllm' records no expert choices to replay: set routing_replay: false "
+                             "(or sample with rollout_engine: hf)")
         if sampling_temperature <= 0:
             raise ValueError(f"sampling_temperature must be > 0 (on-policy rollouts sample), got {sampling_temperature}")
         kwargs.setdefault("objective", "reverse_kl")
@@ -100,6 +115,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
         self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
         self.rollout_gather = rollout_gather
+        self.rollout_engine, self.vllm_engine = rollout_engine, dict(vllm_engine or {})
+        self._engine: VllmEngine | None = None
         self._gather_said: bool | None = None
         self._rollouts: dict[int, tuple[int, dict[str, Any]]] = {}  # micro-batch slot -> (step sampled, rollout)
 
@@ -107,6 +124,10 @@ class OnPolicyDistillModule(ZedaDistillModule):
     @override
     def preflight(self, datamodule=None) -> None:
         super().preflight(datamodule)
+        if self.rollout_engine == "vllm":  # the environment and the family, before anything is written
+            require_vllm_python()
+            check_servable_config({**self.teacher_cfg, CONFIG_KEY: self.routing.to_config()},
+                                  f"rollout_engine='vllm' with {self.spec.source}")
         if datamodule is None:
             return
         if not getattr(datamodule, "prompts", False):
@@ -168,11 +189,14 @@ class OnPolicyDistillModule(ZedaDistillModule):
         gen = torch.Generator(device="cpu").manual_seed(self.seed if seed is None else seed)
         sample_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         start = time.perf_counter()
-        with (self.generation_weights() as synced, capture_routing(student, accumulate=True) as records,
-              seeded(sample_seed, prompt_ids.device)):
-            seq = sample_ids(student, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
-                             temperature=self.sampling_temperature, top_p=self.top_p, top_k=0,
-                             num_samples=self.num_samples, pad=pad, eos=eos, synced_gpus=synced)
+        if self.rollout_engine == "vllm":
+            seq, records = self._vllm_sample(prompt_ids, prompt_mask, sample_seed, pad, eos), {}
+        else:
+            with (self.generation_weights() as synced, capture_routing(student, accumulate=True) as records,
+                  seeded(sample_seed, prompt_ids.device)):
+                seq = sample_ids(student, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
+                                 temperature=self.sampling_temperature, top_p=self.top_p, top_k=0,
+                                 num_samples=self.num_samples, pad=pad, eos=eos, synced_gpus=synced)
         elapsed = time.perf_counter() - start
         student.train(was_training)
         plen = prompt_ids.shape[1]
@@ -198,6 +222,34 @@ class OnPolicyDistillModule(ZedaDistillModule):
             "tokens_per_s": float(response_mask.sum()) / max(elapsed, 1e-9),
             "sample_s": elapsed,
         }
+
+    def _vllm_sample(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int, pad: int, eos: list[int]) -> Tensor:
+        """Rollouts from the vLLM engine, laid out as ``generate`` returns them: (R, P + G), each prompt's samples
+        together, responses padded after their end with ``pad``. The engine first loads the current weights."""
+        if self._engine is None:
+            if self._trainer is not None and self._trainer.world_size > 1:
+                raise ValueError("rollout_engine='vllm' runs in one process; use rollout_engine: hf with several")
+            tok = AutoTokenizer.from_pretrained(self.teacher_path, trust_remote_code=False)
+            self._engine = VllmEngine.for_model(self.student, tok, seed=self.seed, **self.vllm_engine)
+        else:
+            self._engine.load_weights(self.student)
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask)]
+        out = self._engine.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=self.sampling_temperature,
+                                    top_p=self.top_p, top_k=0, num_samples=self.num_samples, eos_token_ids=eos,
+                                    seed=seed)
+        responses = [ids for per_prompt in out["token_ids"] for ids in per_prompt]  # (R,) prompt-major
+        width = max(1, max(len(ids) for ids in responses))
+        padded = torch.full((len(responses), width), pad, dtype=prompt_ids.dtype)
+        for i, ids in enumerate(responses):
+            padded[i, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)
+        return torch.cat([prompt_ids.repeat_interleave(self.num_samples, 0), padded.to(prompt_ids.device)], dim=1)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        super().teardown(stage)
 
     def rollout_forward(self, rollout: dict[str, Any]) -> tuple[Tensor, dict]:
         """The student's forward on its own samples (through :meth:`student_forward`), replaying the sampler's

@@ -20,7 +20,8 @@ from vllm import LLM, SamplingParams
 from zeda_lightning.serving.plugin import reset_zero_slot_counts
 
 
-def _sampling(spec: dict, eos: list[int]):
+def sampling_params(spec: dict, eos: list[int]):
+    """vLLM sampling settings of one request (greedy at temperature 0, the whole vocabulary at top_k 0)."""
     temperature = float(spec.get("temperature", 0.0))
     return SamplingParams(
         n=int(spec.get("num_samples", 1)), temperature=temperature,
@@ -48,7 +49,7 @@ def main(request_path: str, reply_path: str) -> None:
         llm.apply_model(reset_zero_slot_counts)  # the engine's warm-up forwards are not the user's tokens
     results = []
     for batch in req["batches"]:
-        params = _sampling(batch, [int(i) for i in batch.get("eos_token_ids", [])])
+        params = sampling_params(batch, [int(i) for i in batch.get("eos_token_ids", [])])
         prompts = [{"prompt_token_ids": ids} for ids in batch["prompt_token_ids"]]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
