@@ -3,6 +3,7 @@ refuses, and ``generate --engine`` validation before anything is loaded or writt
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from zeda_lightning import NullExperts, ZeroExperts, inject
 from zeda_lightning.export import export_model, from_pretrained
 from zeda_lightning.generate import generate_responses
 from zeda_lightning.serving import (
+    NOT_SERVED,
     SERVED_FAMILIES,
     SHARED_EXPERT_FAMILIES,
     VLLM_PYTHON_ENV,
@@ -45,7 +47,9 @@ def test_an_export_records_the_plugins_architecture_and_still_loads_in_transform
     assert served_architectures() == {"ZedaQwen3MoeForCausalLM": "qwen3_moe", "ZedaQwen2MoeForCausalLM": "qwen2_moe",
                                       "ZedaOlmoeForCausalLM": "olmoe", "ZedaMixtralForCausalLM": "mixtral",
                                       "ZedaGlm4MoeForCausalLM": "glm4_moe",
-                                      "ZedaGraniteMoeForCausalLM": "granitemoe"}
+                                      "ZedaGraniteMoeForCausalLM": "granitemoe", "ZedaGptOssForCausalLM": "gpt_oss",
+                                      "ZedaErnie4_5_MoeForCausalLM": "ernie4_5_moe",
+                                      "ZedaLfm2MoeForCausalLM": "lfm2_moe"}
     assert check_servable(out)["zeda_routing"]["class_path"].endswith("ZeroExperts")
     # the transformers load picks its class by model_type: the same model, logit for logit
     reloaded = from_pretrained(out)
@@ -67,9 +71,13 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
     with pytest.raises(ValueError, match="not a zeda export"):
         check_servable(tiny_teacher)
     flex = export_model(inject(tiny_model("flex_olmo"), ZeroExperts(seed=0)), str(tmp_path / "flex"), tok)
-    with pytest.raises(ValueError, match=r"serves zeda exports of \['glm4_moe', 'granitemoe', 'mixtral', 'olmoe', "
-                                         r"'qwen2_moe', 'qwen3_moe'\], not 'flex_olmo'.*--engine hf"):
+    with pytest.raises(ValueError, match=r"does not serve zeda exports of 'flex_olmo': vLLM 0.32 has no FlexOlmo "
+                                         r"model of its own .*--engine hf"):
         check_servable(flex)
+    for family, (_, reason) in NOT_SERVED.items():  # each names its own reason, in one line
+        with pytest.raises(ValueError, match=rf"not serve zeda exports of '{family}': {re.escape(reason)}; use "
+                                             r"the transformers engine \(generate --engine hf"):
+            check_servable_config({"model_type": family, "zeda_routing": ZeroExperts(seed=0).to_config()}, "x")
     null = export_model(inject(from_pretrained(tiny_teacher), NullExperts()), str(tmp_path / "null"), tok)
     with pytest.raises(ValueError, match="zero_experts routing only"):
         check_servable(null)
@@ -86,10 +94,11 @@ def test_the_plugin_refuses_what_it_cannot_serve_exactly(tmp_path, tiny_teacher,
 def test_every_served_family_exports_servable(tmp_path, tiny_teacher, family):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     out = export_model(inject(tiny_model(family), ZeroExperts(seed=0)), str(tmp_path / family), tok)
-    cfg = check_servable(out)  # qwen2_moe, glm4_moe: their shared experts are served
+    cfg = check_servable(out)  # qwen2_moe, glm4_moe, ernie4_5_moe: their shared experts are served
     assert cfg["architectures"] == ["Zeda" + SERVED_FAMILIES[family]]
-    has_shared = bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"))
-    assert has_shared == (family in SHARED_EXPERT_FAMILIES) == (family in ("qwen2_moe", "glm4_moe"))
+    has_shared = bool(cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")
+                      or cfg.get("moe_num_shared_experts"))
+    assert has_shared == (family in SHARED_EXPERT_FAMILIES) == (family in ("qwen2_moe", "glm4_moe", "ernie4_5_moe"))
 
 
 def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, tiny_teacher):
@@ -118,6 +127,18 @@ def test_the_plugin_refuses_family_settings_vllm_computes_differently(tmp_path, 
         check_servable_config({**granite, "attention_bias": True}, "x")
     with pytest.raises(ValueError, match=r"shared experts are not supported .* for 'granitemoe'"):
         check_servable_config({**granite, "n_shared_experts": 1}, "x")
+    gpt_oss = {**tiny_model("gpt_oss").config.to_dict(), **routing}
+    check_servable_config(gpt_oss, "x")
+    with pytest.raises(ValueError, match=r"gpt_oss model computes swiglu_limit=7.0, this config has 5.0"):
+        check_servable_config({**gpt_oss, "swiglu_limit": 5.0}, "x")
+    with pytest.raises(ValueError, match=r"gpt_oss model computes layer_types=\['sliding_attention', "
+                                         r"'full_attention'\], this config has \['full_attention'"):
+        check_servable_config({**gpt_oss, "layer_types": ["full_attention", "sliding_attention"]}, "x")
+    ernie = {**tiny_model("ernie4_5_moe").config.to_dict(), **routing}
+    check_servable_config(ernie, "x")  # its shared experts (moe_num_shared_experts) are served
+    with pytest.raises(ValueError, match=r"ernie4_5_moe model computes use_bias=False, this config has True"):
+        check_servable_config({**ernie, "use_bias": True}, "x")
+    check_servable_config({**tiny_model("lfm2_moe").config.to_dict(), **routing}, "x")
 
 
 def test_generate_engine_is_checked_before_anything_is_written(tmp_path, tiny_teacher, student, monkeypatch):

@@ -44,11 +44,18 @@ FAMILY_OVERRIDES = dict(vocab_size=2048, max_position_embeddings=512, hidden_siz
                         num_key_value_heads=1, bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.1)
 #: per family on top of FAMILY_OVERRIDES: glm4_moe's head_dim is explicit (its tiny flavour's 8), and a dense first
 #: layer and two expert groups exercise first_k_dense_replace and the group-limited top-k; granitemoe gets
-#: granite-3.0-like multipliers (all 1.0 by default, which would not test that vLLM applies them as transformers)
+#: granite-3.0-like multipliers (all 1.0 by default, which would not test that vLLM applies them as transformers);
+#: gpt_oss's head_dim is explicit too (its sliding window of 16 is shorter than the prompts, and attention sinks
+#: come with the family); ernie4_5_moe gets a dense first layer (moe_layer_start_index, transformers' default 1)
+#: next to its shared expert and correction bias; lfm2_moe keeps its tiny flavour's conv / attention / conv layers
+#: with a dense first one, and the expert bias, and ties its head (the released models' setting)
 FAMILY_EXTRA = {
     "glm4_moe": dict(head_dim=32, num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1),
     "granitemoe": dict(embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0,
                        attention_multiplier=0.03125),
+    "gpt_oss": dict(head_dim=32),
+    "ernie4_5_moe": dict(num_hidden_layers=3, moe_layer_start_index=1),
+    "lfm2_moe": dict(tie_word_embeddings=True),  # as the released LFM2 models
 }
 
 
@@ -82,7 +89,8 @@ def hf_reference(model_dir: str, prompts: list[list[int]], continuations: list[l
             n = sum(r.skipped.numel() for r in rec.values())
             zero += float(zero_ratio(rec)) * n
             slots += n
-    return {"greedy": greedy, "logprobs": logprobs, "zero_ratio": zero / slots, "eos": eos}
+            moe_layers = len(rec)
+    return {"greedy": greedy, "logprobs": logprobs, "zero_ratio": zero / slots, "eos": eos, "moe_layers": moe_layers}
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +126,10 @@ def check_against_transformers(model_dir: str, n_prompts: int, new_tokens: int) 
     routed = sum(len(p) + len(t) - 1 for p, t in zip(prompts, tokens))
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
-    # every routed token in every MoE layer, K slots each; the engine's warm-up forwards are not counted
-    moe_layers = cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0)  # glm4_moe: dense first layers
-    assert got["slots"] == routed * moe_layers * cfg["num_experts_per_tok"]
+    # every routed token in every MoE layer (those transformers routes in: dense first layers have none), K slots
+    # each; the engine's warm-up forwards are not counted
+    top_k = cfg.get("num_experts_per_tok", cfg.get("moe_k"))
+    assert got["slots"] == routed * ref["moe_layers"] * top_k
     measured.update(zero_ratio_vllm=got["zero_slots"] / got["slots"], zero_ratio_hf=ref["zero_ratio"])
     assert abs(measured["zero_ratio_vllm"] - measured["zero_ratio_hf"]) < 0.01, measured
     print(f"{cfg['model_type']}: {measured}")
@@ -143,6 +152,16 @@ def test_vllm_serves_every_family_as_transformers_computes_it(family, tmp_path):
         assert json.load(f)["architectures"] == [serving_architecture(SERVED_FAMILIES[family])]
     measured = check_against_transformers(out, 8, 8)
     assert 0.05 < measured["zero_ratio_vllm"] < 0.95  # both paths of the block ran
+
+
+def test_vllm_refuses_a_family_the_plugin_does_not_serve(tmp_path):
+    """vLLM itself, given the export (no check of ours before it): the plugin's refusing class stops it with the
+    family's reason and the way out."""
+    model = inject(tiny_model("flex_olmo", **FAMILY_OVERRIDES), ZeroExperts(seed=0))
+    out = export_model(model, str(tmp_path / "flex_olmo"), AutoTokenizer.from_pretrained(TEACHER))
+    with pytest.raises(RuntimeError, match=r"does not serve zeda exports of 'flex_olmo': vLLM 0.32 has no FlexOlmo "
+                                           r"model of its own .*--engine hf"):
+        run_vllm({"model": out, "dtype": "float32", "max_model_len": 128, "batches": []}, timeout=900)
 
 
 def test_generate_engine_vllm_writes_the_stage1_rows_the_hf_engine_writes(students, tmp_path):

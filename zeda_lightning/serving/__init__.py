@@ -30,10 +30,31 @@ SERVED_FAMILIES = {
     "mixtral": "MixtralForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+    "lfm2_moe": "Lfm2MoeForCausalLM",
+}
+
+#: model_type -> (transformers architecture, why the plugin does not serve zeda exports of it): families the
+#: package supports that vLLM 0.32 has no model for, or whose vLLM model does not compute as transformers on the
+#: CPU backend (checked with plain vLLM on small random models); the refusal names the reason
+NOT_SERVED: dict[str, tuple[str, str]] = {
+    "flex_olmo": ("FlexOlmoForCausalLM", "vLLM 0.32 has no FlexOlmo model of its own (only its generic "
+                                         "transformers backend, which the plugin cannot patch)"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", "vLLM 0.32 has no HunYuan-MoE-V1 model of its own (only its "
+                                                  "generic transformers backend, which the plugin cannot patch)"),
+    "dots1": ("Dots1ForCausalLM", "vLLM 0.32 has no dots1 model (removed in vLLM 0.23)"),
+    "qwen3_next": ("Qwen3NextForCausalLM", "vLLM 0.32's CPU gated-delta-net kernel runs bf16 only (\"CPU GDN "
+                                           "attention requires BF16.\"), so no fp32 parity with transformers can be "
+                                           "shown (bf16 against fp32: prompt log-probs up to 0.075 off)"),
+    "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "vLLM 0.32's MLA attention does not match transformers on the CPU "
+                                                "backend (prompt log-probs differ by up to 0.3)"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "vLLM 0.32's MLA attention does not match transformers on the CPU "
+                                             "backend (prompt log-probs differ by up to 1.15)"),
 }
 
 #: families whose served block has the shared expert (``shared_expert_intermediate_size`` > 0 allowed)
-SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe", "glm4_moe"})
+SHARED_EXPERT_FAMILIES = frozenset({"qwen2_moe", "glm4_moe", "ernie4_5_moe"})
 
 #: model_type -> {config key: the one value vLLM's model for the family computes (also transformers' default)}:
 #: vLLM would serve another value differently from transformers, so it is refused
@@ -43,6 +64,13 @@ _VLLM_ASSUMES: dict[str, dict[str, object]] = {
     "mixtral": {"sliding_window": None},
     "glm4_moe": {"tie_word_embeddings": False},
     "granitemoe": {"attention_bias": False},
+    # vLLM's GPT-OSS: biased attention, norms at eps 1e-5, sliding window on even layers, SwiGLU clamped at 7.0
+    # with alpha 1.702, unquantised experts only through the plugin's kept-pairs block
+    "gpt_oss": {"attention_bias": True, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+                "quantization_config": None,
+                "layer_types": lambda cfg: ["full_attention" if i % 2 else "sliding_attention"
+                                            for i in range(cfg["num_hidden_layers"])]},
+    "ernie4_5_moe": {"use_bias": False},
 }
 
 #: environment variable naming the vLLM environment's python (default: ``<repo>/.vllm-venv/bin/python``)
@@ -62,6 +90,10 @@ def check_servable_config(cfg: dict, where: str) -> ZeroExperts:
         raise ValueError(f"{where}: config.json has no {CONFIG_KEY!r}, so it is not a zeda export; serve a plain model "
                          "with vLLM's own architecture (drop any Zeda* architecture override)")
     family = cfg.get("model_type")
+    if family in NOT_SERVED:
+        raise ValueError(f"{where}: the vLLM plugin does not serve zeda exports of {family!r}: "
+                         f"{NOT_SERVED[family][1]}; use the transformers engine (generate --engine hf, "
+                         "eval --backend hf)")
     if family not in SERVED_FAMILIES:
         raise ValueError(f"{where}: the vLLM plugin serves zeda exports of {sorted(SERVED_FAMILIES)}, not "
                          f"{family!r}; use the transformers engine (generate --engine hf, eval --backend hf)")
@@ -69,14 +101,15 @@ def check_servable_config(cfg: dict, where: str) -> ZeroExperts:
     if type(routing) is not ZeroExperts:
         raise ValueError(f"{where}: the vLLM plugin serves the zero_experts routing only, not "
                          f"{cfg[CONFIG_KEY].get('class_path')!r}; use the transformers engine (--engine hf)")
-    if (cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")) and \
-            family not in SHARED_EXPERT_FAMILIES:
+    if (cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts")
+            or cfg.get("moe_num_shared_experts")) and family not in SHARED_EXPERT_FAMILIES:
         raise ValueError(f"{where}: shared experts are not supported by the zeda vLLM plugin for {family!r} (only "
                          f"{sorted(SHARED_EXPERT_FAMILIES)}); use --engine hf")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: the zeda vLLM plugin's experts run SiLU (vLLM's fused-MoE default), not "
                          f"{cfg['hidden_act']!r}; use --engine hf")
     for key, served in _VLLM_ASSUMES.get(family, {}).items():
+        served = served(cfg) if callable(served) else served
         if cfg.get(key, served) != served:
             raise ValueError(f"{where}: vLLM's {family} model computes {key}={served!r}, this config has "
                              f"{cfg[key]!r}; use --engine hf")
@@ -142,5 +175,5 @@ def run_vllm(request: dict, timeout: float | None = None) -> dict:
             return json.load(f)
 
 
-__all__ = ["SERVED_FAMILIES", "SERVING_ARCH_PREFIX", "SHARED_EXPERT_FAMILIES", "check_servable",
+__all__ = ["NOT_SERVED", "SERVED_FAMILIES", "SERVING_ARCH_PREFIX", "SHARED_EXPERT_FAMILIES", "check_servable",
            "check_servable_config", "run_vllm", "served_architectures", "vllm_env", "vllm_python"]

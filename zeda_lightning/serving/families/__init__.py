@@ -7,8 +7,11 @@ import below, its entry in :data:`zeda_lightning.serving.SERVED_FAMILIES`.
 """
 
 from zeda_lightning.serving.families import (  # noqa: F401  (registers)
+    ernie4_5_moe,
     glm4_moe,
+    gpt_oss,
     granitemoe,
+    lfm2_moe,
     mixtral,
     olmoe,
     qwen2_moe,

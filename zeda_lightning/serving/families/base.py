@@ -22,9 +22,15 @@ from torch import Tensor, nn
 from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.utils import (
+    extract_layer_index,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 
 from zeda_lightning.routing.base import MoEDims
 from zeda_lightning.routing.scoring import RouterScoring
@@ -78,13 +84,18 @@ class ZedaSparseMoeBlock(nn.Module):
             name), before ``shared_expert`` so the deduplicated module tree keeps that name.
         shared_expert_name: the shared expert's attribute (checkpoint) name, ``shared_experts`` for GLM-4.5.
         has_correction_bias: the router carries ``e_score_correction_bias`` (N + N_Z, fp32), loaded from the weights.
+        router_bias: the router's logits have a bias (N + N_Z), loaded from the weights (GPT-OSS).
+        router_dtype: the router's weights in this dtype whatever the model's (ERNIE keeps them in fp32).
+        experts_kwargs: further arguments of vLLM's fused-MoE layer the family's experts need (GPT-OSS: expert
+            biases, its clamped SwiGLU, its expert weight loader).
     """
 
     def __init__(self, vllm_config: VllmConfig, prefix: str, *, num_experts: int, top_k: int,
                  intermediate_size: int, scoring: RouterScoring, ckpt_names: tuple[str, str, str] | None = None,
                  is_fused_checkpoint_transposed: bool = False, shared_expert: nn.Module | None = None,
                  shared_expert_gate: nn.Module | None = None, shared_expert_name: str = "shared_expert",
-                 has_correction_bias: bool = False) -> None:
+                 has_correction_bias: bool = False, router_bias: bool = False, router_dtype: torch.dtype | None = None,
+                 experts_kwargs: dict | None = None) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_text_config
         routing = check_servable_config(config.to_dict(), "vLLM model config")
@@ -95,7 +106,9 @@ class ZedaSparseMoeBlock(nn.Module):
         dims = MoEDims(hidden_size=config.hidden_size, num_experts=num_experts, top_k=top_k)
         # the package's router, parameter for parameter: weight (N + N_Z, H) and the zero_logit_bias buffer
         self.gate = ZeroExpertRouter(dims, scoring, routing.resolve_num_zero(dims), routing.mask_zero,
-                                     has_bias=False, has_correction_bias=has_correction_bias)
+                                     has_bias=router_bias, has_correction_bias=has_correction_bias)
+        if router_dtype is not None:
+            self.gate.to(router_dtype)
         self.gate.layer_idx = extract_layer_index(prefix)
         if shared_expert_gate is not None:
             self.shared_expert_gate = shared_expert_gate
@@ -105,7 +118,7 @@ class ZedaSparseMoeBlock(nn.Module):
             num_experts=num_experts, top_k=1, hidden_size=config.hidden_size, intermediate_size=intermediate_size,
             renormalize=False, custom_routing_function=kept_pair_routing, quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.experts", is_fused_checkpoint_transposed=is_fused_checkpoint_transposed,
-            **({"ckpt_names": ckpt_names} if ckpt_names else {}),
+            **({"ckpt_names": ckpt_names} if ckpt_names else {}), **(experts_kwargs or {}),
         )
         #: [routed slots, zero slots] since the last reset (read with ``plugin.zero_slot_counts``)
         self.slot_counts = [0, 0]
@@ -135,16 +148,60 @@ class ZedaSparseMoeBlock(nn.Module):
         return result.view(shape)
 
 
-def finish_causal_lm(model: nn.Module, vllm_config: VllmConfig, prefix: str, num_experts: int) -> None:
+def build_model_body(body: nn.Module, vllm_config: VllmConfig, prefix: str, decoder_layer, *,
+                     quantized_embedding: bool = False, intermediate_tensors: bool = True, norm: str = "norm",
+                     norm_eps: float | None = None, norm_cls: type[nn.Module] = RMSNorm):
+    """Fill ``body``, a subclass of a family's vLLM ``<Family>Model`` whose ``__init__`` called only
+    ``nn.Module.__init__``, as vLLM's own body is built, with ``decoder_layer(vllm_config, prefix)`` as every layer:
+    ``config`` / ``quant_config`` / ``vocab_size``, ``embed_tokens``, ``layers`` (``make_layers``), ``norm`` and
+    ``make_empty_intermediate_tensors``, the same modules under the same names, so vLLM's forward and weight
+    loading apply as is. Returns the hf config; the family sets what else its vLLM body has.
+
+    Args:
+        quantized_embedding: the embedding takes the model's ``quant_config`` (as vLLM's body of the family does).
+        intermediate_tensors: set ``make_empty_intermediate_tensors`` (hidden states and residual); off where vLLM's
+            causal LM defines its own (GraniteMoE).
+        norm, norm_eps, norm_cls: the final norm's attribute name, epsilon (default ``config.rms_norm_eps``) and
+            class (vLLM's ``RMSNorm`` unless the family's own).
+    """
+    config = vllm_config.model_config.hf_config
+    body.config, body.quant_config, body.vocab_size = config, vllm_config.quant_config, config.vocab_size
+    body.embed_tokens = VocabParallelEmbedding(
+        config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config if quantized_embedding else None,
+        prefix=f"{prefix}.embed_tokens")
+    body.start_layer, body.end_layer, body.layers = make_layers(
+        config.num_hidden_layers, lambda prefix: decoder_layer(vllm_config, prefix), prefix=f"{prefix}.layers")
+    setattr(body, norm, norm_cls(config.hidden_size, eps=config.rms_norm_eps if norm_eps is None else norm_eps))
+    if intermediate_tensors:
+        body.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
+    return config
+
+
+def init_causal_lm(model: nn.Module, vllm_config: VllmConfig):
+    """The start of a Zeda*ForCausalLM ``__init__`` (vLLM's own ``__init__`` not called): ``nn.Module.__init__``,
+    the model-level checks (:func:`check_vllm_config`, before any weight is allocated), ``config`` and
+    ``quant_config``; returns the hf config."""
+    nn.Module.__init__(model)
+    config = check_vllm_config(vllm_config)
+    model.config, model.quant_config = config, vllm_config.quant_config
+    return config
+
+
+def finish_causal_lm(model: nn.Module, vllm_config: VllmConfig, prefix: str, num_experts: int,
+                     logits_scale: float = 1.0) -> None:
     """The head and MoE bookkeeping of a Zeda*ForCausalLM once ``model.model`` is built: vLLM's LM head (tied
-    when the config says so), logits processor, and the ``MixtureOfExperts`` counts (no shared, no redundant)."""
+    when the config says so), logits processor (logits times ``logits_scale``), the body's
+    ``make_empty_intermediate_tensors`` where it has one, and the ``MixtureOfExperts`` counts (no shared, no
+    redundant)."""
     config = model.config
     model.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                    prefix=maybe_prefix(prefix, "lm_head"))
     if config.tie_word_embeddings:
         model.lm_head = model.lm_head.tie_weights(model.model.embed_tokens)
-    model.logits_processor = LogitsProcessor(config.vocab_size)
-    model.make_empty_intermediate_tensors = model.model.make_empty_intermediate_tensors
+    model.logits_processor = LogitsProcessor(config.vocab_size, scale=logits_scale)
+    if "make_empty_intermediate_tensors" in vars(model.model):
+        model.make_empty_intermediate_tensors = model.model.make_empty_intermediate_tensors
     record_moe_layers(model, num_experts)
 
 

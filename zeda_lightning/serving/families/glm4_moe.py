@@ -13,20 +13,15 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models import glm4_moe as vg
-from vllm.model_executor.models.utils import (
-    extract_layer_index,
-    make_empty_intermediate_tensors_factory,
-    make_layers,
-    maybe_prefix,
-)
+from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
 from zeda_lightning.routing.scoring import SigmoidGroupScoring
 from zeda_lightning.serving.families.base import (
     ZedaSparseMoeBlock,
-    check_vllm_config,
+    build_model_body,
     finish_causal_lm,
+    init_causal_lm,
     register_family,
 )
 
@@ -83,18 +78,9 @@ class ZedaGlm4MoeModel(vg.Glm4MoeModel):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config
-        self.config, self.vocab_size = config, config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   prefix=f"{prefix}.embed_tokens")
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda prefix: ZedaGlm4MoeDecoderLayer(vllm_config, prefix),
-            prefix=f"{prefix}.layers")
+        build_model_body(self, vllm_config, prefix, ZedaGlm4MoeDecoderLayer)
         # the shared experts stay their own module (added after the kept-pairs sum), never fused into the experts
         self.is_fused_shared_expert_enabled = False
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states", "residual"], config.hidden_size)
 
 
 @register_family("glm4_moe")
@@ -102,9 +88,7 @@ class ZedaGlm4MoeForCausalLM(vg.Glm4MoeForCausalLM):
     """A zeda export of GLM-4.5 in vLLM: vLLM's model, its MoE layers replaced by the zeda block."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        nn.Module.__init__(self)
-        config = check_vllm_config(vllm_config)  # before any weight is allocated
-        self.config, self.quant_config = config, vllm_config.quant_config
+        config = init_causal_lm(self, vllm_config)
         self.model = ZedaGlm4MoeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         finish_causal_lm(self, vllm_config, prefix, config.n_routed_experts)
         self.moe_mlp_layers = []  # vLLM's EPLB hook list: the plugin runs without EPLB

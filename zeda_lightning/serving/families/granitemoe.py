@@ -12,17 +12,16 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models import granitemoe as vgr
-from vllm.model_executor.models.utils import WeightsMapper, make_layers, maybe_prefix
+from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 
 from zeda_lightning.routing.scoring import GraniteMoeScoring
 from zeda_lightning.routing.zero_experts import BUDGET_BUFFER
 from zeda_lightning.serving.families.base import (
     ZedaSparseMoeBlock,
-    check_vllm_config,
-    record_moe_layers,
+    build_model_body,
+    finish_causal_lm,
+    init_causal_lm,
     register_family,
 )
 
@@ -65,15 +64,9 @@ class ZedaGraniteMoeModel(vgr.GraniteMoeModel):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config
-        self.config, self.quant_config = config, vllm_config.quant_config
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(self.vocab_size, config.hidden_size)
+        # vLLM's GraniteMoE causal LM makes its own (hidden states only) intermediate tensors
+        config = build_model_body(self, vllm_config, prefix, ZedaGraniteMoeDecoderLayer, intermediate_tensors=False)
         self.embedding_multiplier = config.embedding_multiplier
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda prefix: ZedaGraniteMoeDecoderLayer(vllm_config, prefix),
-            prefix=f"{prefix}.layers")
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
 @register_family("granitemoe")
@@ -81,14 +74,7 @@ class ZedaGraniteMoeForCausalLM(vgr.GraniteMoeForCausalLM):
     """A zeda export of GraniteMoE in vLLM: vLLM's model, its MoE blocks replaced by :class:`ZedaSparseMoeBlock`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        nn.Module.__init__(self)
-        config = check_vllm_config(vllm_config)  # before any weight is allocated
-        self.config = config
+        config = init_causal_lm(self, vllm_config)
         self.model = ZedaGraniteMoeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=maybe_prefix(prefix, "lm_head"))
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         # transformers divides the logits by logits_scaling, as vLLM's granite head does
-        self.logits_processor = LogitsProcessor(config.vocab_size, scale=1 / config.logits_scaling)
-        record_moe_layers(self, config.num_local_experts)
+        finish_causal_lm(self, vllm_config, prefix, config.num_local_experts, logits_scale=1 / config.logits_scaling)

@@ -9,15 +9,15 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models import mixtral as vm
-from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, make_layers, maybe_prefix
+from vllm.model_executor.models.utils import maybe_prefix
 
 from zeda_lightning.routing.scoring import MixtralScoring
 from zeda_lightning.serving.families.base import (
     ZedaSparseMoeBlock,
-    check_vllm_config,
+    build_model_body,
     finish_causal_lm,
+    init_causal_lm,
     register_family,
 )
 
@@ -50,17 +50,9 @@ class ZedaMixtralModel(vm.MixtralModel):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config
-        self.config, self.quant_config = config, vllm_config.quant_config
-        self.vocab_size = self.org_vocab_size = config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(self.vocab_size, config.hidden_size)
-        self.enable_eplb, self.num_redundant_experts = False, 0
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda prefix: ZedaMixtralDecoderLayer(vllm_config, prefix),
-            prefix=f"{prefix}.layers")
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states", "residual"], config.hidden_size)
+        config = build_model_body(self, vllm_config, prefix, ZedaMixtralDecoderLayer)
+        self.org_vocab_size = config.vocab_size
+        self.enable_eplb, self.num_redundant_experts = False, 0  # what vLLM's weight loading reads
 
 
 @register_family("mixtral")
@@ -68,8 +60,6 @@ class ZedaMixtralForCausalLM(vm.MixtralForCausalLM):
     """A zeda export of Mixtral in vLLM: vLLM's model, its MoE blocks replaced by :class:`ZedaSparseMoeBlock`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        nn.Module.__init__(self)
-        config = check_vllm_config(vllm_config)  # before any weight is allocated
-        self.config, self.quant_config = config, vllm_config.quant_config
+        config = init_causal_lm(self, vllm_config)
         self.model = ZedaMixtralModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         finish_causal_lm(self, vllm_config, prefix, config.num_local_experts)

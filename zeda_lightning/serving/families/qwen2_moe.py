@@ -10,20 +10,15 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ReplicatedLinear
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models import qwen2_moe as vq2
-from vllm.model_executor.models.utils import (
-    extract_layer_index,
-    make_empty_intermediate_tensors_factory,
-    make_layers,
-    maybe_prefix,
-)
+from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
 from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 from zeda_lightning.serving.families.base import (
     ZedaSparseMoeBlock,
-    check_vllm_config,
+    build_model_body,
     finish_causal_lm,
+    init_causal_lm,
     register_family,
 )
 
@@ -82,17 +77,7 @@ class ZedaQwen2MoeModel(vq2.Qwen2MoeModel):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config
-        self.vocab_size, self.config = config.vocab_size, config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   quant_config=vllm_config.quant_config,
-                                                   prefix=f"{prefix}.embed_tokens")
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers, lambda prefix: ZedaQwen2MoeDecoderLayer(vllm_config, prefix),
-            prefix=f"{prefix}.layers")
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
-            ["hidden_states", "residual"], config.hidden_size)
+        build_model_body(self, vllm_config, prefix, ZedaQwen2MoeDecoderLayer, quantized_embedding=True)
 
 
 @register_family("qwen2_moe")
@@ -100,9 +85,7 @@ class ZedaQwen2MoeForCausalLM(vq2.Qwen2MoeForCausalLM):
     """A zeda export of Qwen2-MoE in vLLM: vLLM's model, its MoE layers replaced by the zeda block."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        nn.Module.__init__(self)
-        config = check_vllm_config(vllm_config)  # before any weight is allocated
-        self.config, self.quant_config = config, vllm_config.quant_config
+        config = init_causal_lm(self, vllm_config)
         self.packed_modules_mapping = dict(self.packed_modules_mapping)
         if getattr(config, "mlp_only_layers", []) or config.shared_expert_intermediate_size > 0:
             self.packed_modules_mapping["gate_up_proj"] = ["gate_proj", "up_proj"]

@@ -12,8 +12,8 @@ from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 from zeda_lightning.routing.scoring import SoftmaxTopKScoring
 from zeda_lightning.serving.families.base import (
     ZedaSparseMoeBlock,
-    check_vllm_config,
     finish_causal_lm,
+    init_causal_lm,
     register_family,
 )
 
@@ -59,9 +59,7 @@ class ZedaQwen3MoeForCausalLM(vq.Qwen3MoeForCausalLM):
     """A zeda export of Qwen3-MoE in vLLM: vLLM's model, its MoE layers replaced by :class:`ZedaSparseMoeBlock`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        nn.Module.__init__(self)
-        config = check_vllm_config(vllm_config)  # before any weight is allocated
-        self.config, self.quant_config = config, vllm_config.quant_config
+        config = init_causal_lm(self, vllm_config)
         self.packed_modules_mapping = dict(self.packed_modules_mapping)
         if getattr(config, "mlp_only_layers", []):
             self.packed_modules_mapping["gate_up_proj"] = ["gate_proj", "up_proj"]
