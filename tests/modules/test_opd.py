@@ -257,3 +257,19 @@ def test_vllm_rollouts_refuse_replay_and_a_missing_environment(tiny_teacher, mon
     module = OnPolicyDistillModule(teacher=tiny_teacher, rollout_engine="vllm", routing_replay=False)
     with pytest.raises(ValueError, match="scripts/vllm_env.sh"):
         module.preflight(None)
+
+
+def test_policy_loss_by_class_path_and_the_old_spelling(tmp_path, tiny_teacher, tiny_data):
+    """``policy_loss`` is a component named in YAML like the objective; ``exact_reverse_kl: true`` (the old key)
+    still selects the exact reverse KL, and giving both is refused."""
+    from zeda_lightning.losses.policy_losses import ExactReverseKL, PPOClip
+
+    assert isinstance(OnPolicyDistillModule(teacher=tiny_teacher, exact_reverse_kl=True).policy_loss, ExactReverseKL)
+    assert isinstance(OnPolicyDistillModule(teacher=tiny_teacher).policy_loss, PPOClip)
+    with pytest.raises(ValueError, match="not both"):
+        OnPolicyDistillModule(teacher=tiny_teacher, policy_loss="ppo_clip", exact_reverse_kl=True)
+    config, _ = opd_config(tmp_path, tiny_teacher, tiny_data, policy_loss={
+        "class_path": "zeda_lightning.losses.policy_losses.PPOClip", "init_args": {"clip_eps": 0.1, "clip_eps_high": 0.28}})
+    cli = cli_main(["--config", config], run=False)
+    assert isinstance(cli.model.policy_loss, PPOClip) and cli.model.policy_loss.clip_eps_high == 0.28
+    assert cli.model.hparams["policy_loss"]["init_args"] == {"clip_eps": 0.1, "clip_eps_high": 0.28}

@@ -4,8 +4,9 @@ Each training step: the student samples ``num_samples`` responses per prompt (tr
 temperature 1), recording its expert choices; the frozen teacher scores prompt + response in one forward; the loss
 is PPO-clip with the per-token advantage ``log pi_T(y_t) - log pi_S_old(y_t)`` (no KL or entropy term) plus L_GA.
 Routing replay (on by default, as in the paper) makes the training forward reuse the sampler's expert choices.
-Because the teacher is local, ``exact_reverse_kl`` can use the full distributions at every sampled position instead
-of the single-sample estimate; ``lmbda < 1`` mixes in off-policy batches (GKD style) trained with ``objective``.
+Because the teacher is local, ``policy_loss: exact_reverse_kl`` can use the full distributions at every sampled
+position instead of the single-sample estimate; ``lmbda < 1`` mixes in off-policy batches (GKD style) trained with
+``objective``. The policy loss is a component (``zeda_lightning.losses.policy_losses``), chosen in YAML.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing_extensions import override
 from zeda_lightning.adapters import CONFIG_KEY
 from zeda_lightning.analysis import zero_ratio
 from zeda_lightning.losses.kd import masked_mean, token_kl
-from zeda_lightning.losses.policy import ppo_clip_loss, reverse_kl_advantage
+from zeda_lightning.losses.policy_losses import PolicyLoss, make_policy_loss
 from zeda_lightning.modules.distill import ZedaDistillModule
 from zeda_lightning.routing.base import capture_routing
 from zeda_lightning.sampling import eos_token_ids, sample_ids, seeded
@@ -46,7 +47,9 @@ class OnPolicyDistillModule(ZedaDistillModule):
     top_p: nucleus threshold for sampling (1 = off).
     clip_eps: PPO clip below 1 (and above, unless ``clip_eps_high``).
     clip_eps_high: PPO clip above 1 (asymmetric, DAPO style); ``None`` = ``clip_eps``.
-    exact_reverse_kl: minimise the exact per-position reverse KL on the student's samples instead of PPO-clip.
+    policy_loss: a ``PolicyLoss`` (``class_path`` in YAML) or a shorthand: ``ppo_clip`` (the paper's, with
+        ``clip_eps`` / ``clip_eps_high``) or ``exact_reverse_kl`` (the full distributions at every sampled position).
+    exact_reverse_kl: the old spelling of ``policy_loss: exact_reverse_kl`` (still accepted).
     routing_replay: train on the expert choices made while sampling.
     rollout_reuse: optimiser steps per rollout (1 = nearly exactly on-policy, the paper); > 1 makes PPO's ratio move.
     lmbda: probability that a step is on-policy; otherwise the batch's own prompt + response rows are used with
@@ -72,6 +75,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         top_p: float = 1.0,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
+        policy_loss: PolicyLoss | str | None = None,
         exact_reverse_kl: bool = False,
         routing_replay: bool = True,
         rollout_reuse: int = 1,
@@ -102,6 +106,10 @@ class OnPolicyDistillModule(ZedaDistillModule):
                              "(or sample with rollout_engine: hf)")
         if sampling_temperature <= 0:
             raise ValueError(f"sampling_temperature must be > 0 (on-policy rollouts sample), got {sampling_temperature}")
+        if policy_loss is None:
+            policy_loss = "exact_reverse_kl" if exact_reverse_kl else "ppo_clip"
+        elif exact_reverse_kl:
+            raise ValueError("set policy_loss or exact_reverse_kl (its old spelling), not both")
         kwargs.setdefault("objective", "reverse_kl")
         if routing_replay and kwargs.get("activation_checkpointing"):
             raise ValueError(
@@ -112,7 +120,9 @@ class OnPolicyDistillModule(ZedaDistillModule):
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.sampling_temperature, self.top_p = sampling_temperature, top_p
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
-        self.exact_reverse_kl, self.routing_replay = exact_reverse_kl, routing_replay
+        self.policy_loss = make_policy_loss(policy_loss, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+        self.hparams.update(policy_loss=self.policy_loss.to_config())
+        self.routing_replay = routing_replay
         self.rollout_reuse, self.lmbda, self.seed = rollout_reuse, lmbda, seed
         self.rollout_gather = rollout_gather
         self.rollout_engine, self.vllm_engine = rollout_engine, dict(vllm_engine or {})
@@ -273,7 +283,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         # the exact per-position reverse KL of the sampling policy, for the log (the training policy when
         # rollout_reuse = 1); the full teacher distribution (R x G x V in fp32) is kept only when it is the loss
         rollout["reverse_kl"] = token_kl(old_log_probs, teacher_log_probs)
-        if self.exact_reverse_kl:
+        if self.policy_loss.needs_teacher_distribution:
             rollout["teacher_log_probs"] = teacher_log_probs
         rollout["score_s"] = time.perf_counter() - start
         return rollout
@@ -303,15 +313,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         logits, records = self.rollout_forward(rollout)
         s_logits = logits[:, p - 1 : -1]  # (R, G, V)
         log_s = torch.log_softmax(s_logits.float(), -1)
-        if self.exact_reverse_kl:
-            exact_rkl = token_kl(log_s, rollout["teacher_log_probs"])  # (R, G) with full distributions
-            policy_loss = masked_mean(exact_rkl, mask)
-            clip_fraction = torch.zeros(())
-        else:
-            exact_rkl = rollout["reverse_kl"]
-            logp = log_s.gather(-1, rollout["input_ids"][:, p:].unsqueeze(-1)).squeeze(-1)
-            adv = reverse_kl_advantage(rollout["teacher_logp"], rollout["old_logp"])
-            policy_loss, clip_fraction = ppo_clip_loss(logp, rollout["old_logp"], adv, mask, self.clip_eps, self.clip_eps_high)
+        policy_loss, clip_fraction = self.policy_loss(log_s, rollout)
         token_mask = rollout["attention_mask"].reshape(-1).bool()
         aux = self.aux_loss(records, token_mask)
         self.check_finite({"policy": policy_loss, "aux": aux},
@@ -321,7 +323,7 @@ class OnPolicyDistillModule(ZedaDistillModule):
         bs = rollout["input_ids"].shape[0]
         self.log_train({
             "loss": loss, "policy_loss": policy_loss, "aux_loss": aux,
-            "reverse_kl": masked_mean(exact_rkl, mask).detach(),
+            "reverse_kl": masked_mean(rollout["reverse_kl"], mask),  # exact, of the sampling policy
             "reverse_kl_estimate": masked_mean(rollout["old_logp"] - rollout["teacher_logp"], mask),
             "clip_fraction": clip_fraction.to(loss.device), "zero_ratio": zero_ratio(records, token_mask),
             "sampling_tokens_per_s": rollout["tokens_per_s"], "response_tokens": mask.sum().float() / bs,
