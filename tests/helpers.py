@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +30,13 @@ class ExpertRowCounter(TorchDispatchMode):
         elif name.startswith("bmm."):
             self.rows += args[0].shape[0]
         return func(*args, **kwargs)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def router_on_logits(family: str, variant, logits_rows: torch.Tensor):

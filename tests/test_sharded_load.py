@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -23,16 +22,10 @@ from zeda_lightning.export import BUDGET_KEY, export_model, from_pretrained
 from zeda_lightning.routing import ZeroExperts
 from zeda_lightning.sharding import SafetensorsReader, build_empty
 from zeda_lightning.tiny import tiny_model
-from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
+from tests.helpers import free_port, single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 BIASES = [0.75, 1.25]  # one per layer of the tiny models, exact in float32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _keys(path) -> list[str]:
@@ -138,7 +131,7 @@ def _sharded(rank, world, port, dirs, out):
 
 def test_mixtral_hub_layout_and_zeda_exports_load_shard_by_shard_with_transformers_logits(dirs, tmp_path):
     out = tmp_path / "rank0.pt"
-    mp.spawn(_sharded, args=(2, _free_port(), dirs, str(out)), nprocs=2)
+    mp.spawn(_sharded, args=(2, free_port(), dirs, str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     with torch.no_grad():
         expected = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from zeda_lightning import sharding
 from zeda_lightning.cli import SUBCOMMANDS, summary
 from zeda_lightning.export import from_pretrained
 from zeda_lightning.slices import MARKER, REAL_CONFIGS, cut_config, slice_main, write_slice
-from tests.helpers import single_thread  # noqa: F401  (autouse: one intra-op thread)
+from tests.helpers import free_port, single_thread  # noqa: F401  (autouse: one intra-op thread)
 
 IDS = torch.tensor([[1, 5, 9, 77, 140, 3, 2, 64]])
 SMALL = {
@@ -159,12 +158,6 @@ def test_the_slice_subcommand(tmp_path):
     assert out["bytes"] == 2 * out["params"] > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded(rank, world, port, path, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -183,7 +176,7 @@ def _sharded(rank, world, port, path, out):
 def test_the_fsdp2_loader_reads_a_slice_shard_by_shard(slices, tmp_path):
     _, path = slices["glm_4_7_flash"]
     out = tmp_path / "rank0.pt"
-    mp.spawn(_sharded, args=(2, _free_port(), path, str(out)), nprocs=2)
+    mp.spawn(_sharded, args=(2, free_port(), path, str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(input_ids=IDS).logits

@@ -22,7 +22,6 @@ import io
 import os
 import pickle
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             # NOTE: only a plain name (pickle resolves "a.b" attribute by attribute: "os.system" would reach the
             # module's imports) naming a dataclass or enum defined in that very module: constructing one calls
             # nothing but its field assignments.
-            obj = getattr(sys.modules.get(module) or importlib.import_module(module), name, None) if "." not in name else None
+            obj = getattr(importlib.import_module(module), name, None) if "." not in name else None
             if (isinstance(obj, type) and obj.__module__ == module
                     and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
                 return obj

@@ -6,7 +6,6 @@ and a model loaded in bf16 as published (router kept in fp32) stays exact when m
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import ExpertRowCounter, single_thread  # noqa: F401  (autouse: one intra-op thread)
+from tests.helpers import ExpertRowCounter, free_port, single_thread  # noqa: F401  (autouse: one intra-op thread)
 from zeda_lightning import ZeroExperts, inject
 from zeda_lightning.adapters import ADAPTERS, adapter_for
 from zeda_lightning.budget import set_zero_logit_bias
@@ -92,12 +91,6 @@ def test_masked_parity_in_bf16_as_published(tmp_path, family):
         assert torch.equal(model(IDS).logits, ref)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded(rank, world, port, dirs, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -131,7 +124,7 @@ def test_sharded_loader_injects_from_and_reads_the_family_homes(tmp_path):
         zeda = export_model(inject(tiny_model(family), ZeroExperts(seed=0)), str(tmp_path / family / "zeda"))
         dirs[family] = {"hub": str(hub), "zeda": zeda}
     out = tmp_path / "rank0.pt"
-    mp.spawn(_sharded, args=(2, _free_port(), dirs, str(out)), nprocs=2)
+    mp.spawn(_sharded, args=(2, free_port(), dirs, str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     for family in HOMED:
         with torch.no_grad():

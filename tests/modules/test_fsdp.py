@@ -11,7 +11,6 @@ import csv
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+
+from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "tiny_fsdp_cpu.yaml")
@@ -30,12 +31,6 @@ PARITY_RTOL = 2e-3
 #: validation metrics after the 4 steps: the weights have taken 4 updates whose L_GA term differs per micro-batch
 #: (measured: val/kl_to_teacher 3.2e-3 relative)
 VAL_RTOL = 5e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fit(tmp, name, *, devices=2, batch=4, kill_at=None, resume=False, extra=()):
@@ -63,7 +58,7 @@ def fit(tmp, name, *, devices=2, batch=4, kill_at=None, resume=False, extra=()):
     cmd = [sys.executable, "-m", "zeda_lightning", "fit", "--config", CONFIG, "--config", str(path), *extra]
     if resume:
         cmd += ["--ckpt_path", "last"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return proc, root
 
@@ -218,7 +213,7 @@ def test_sharded_build_gives_the_unsharded_logits(tmp_path):
     from zeda_lightning.routing import ZeroExperts
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_sharded_logits, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_sharded_logits, args=(2, free_port(), str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     reference = inject(from_pretrained(TEACHER), ZeroExperts(seed=0))
     ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -340,7 +335,7 @@ def _presets_under_fsdp2(rank, world, port, out):
 
 def test_every_trainable_preset_trains_under_fsdp2_with_a_frozen_sharded_teacher(tmp_path):
     out = tmp_path / "report.pt"
-    mp.spawn(_presets_under_fsdp2, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_presets_under_fsdp2, args=(2, free_port(), str(out)), nprocs=2)
     report = torch.load(out, weights_only=False)
     for (preset, mode), r in report.items():
         assert r["all_dtensor"] and not r["teacher_in_tree"], (preset, mode)
@@ -406,7 +401,7 @@ def test_sharded_rollouts_gathered_once_match_the_per_layer_path(tmp_path):
     """``rollout_gather: once`` gathers each FSDP unit once per rollout (not once per decode step) and samples
     exactly what the lockstep per-layer path samples; the student is sharded again afterwards."""
     out = tmp_path / "rollouts"
-    mp.spawn(_rollouts_under_fsdp2, args=(2, _free_port(), str(out)), nprocs=2)
+    mp.spawn(_rollouts_under_fsdp2, args=(2, free_port(), str(out)), nprocs=2)
     for rank in (0, 1):
         r = torch.load(f"{out}.{rank}", weights_only=False)
         per_layer, once, auto = r["per_layer"], r["once"], r["auto"]

@@ -119,7 +119,6 @@ class OnPolicyDistillModule(ZedaDistillModule):
         super().__init__(*args, **kwargs)
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.sampling_temperature, self.top_p = sampling_temperature, top_p
-        self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.policy_loss = make_policy_loss(policy_loss, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
         self.hparams.update(policy_loss=self.policy_loss.to_config())
         self.routing_replay = routing_replay

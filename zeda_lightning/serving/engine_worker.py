@@ -23,7 +23,7 @@ from vllm import LLM
 from vllm.platforms import current_platform
 
 from zeda_lightning.serving.plugin import reset_zero_slot_counts
-from zeda_lightning.serving.worker import sampling_params
+from zeda_lightning.serving.worker import sampling_params, start_engine
 
 
 def _checkpoint_tensors(directory: str):
@@ -59,7 +59,6 @@ def _generate(llm: LLM, req: dict) -> dict:
 
 
 def main() -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read by vLLM when the engine starts
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # everything else printed goes to the log
     sys.stdout = sys.stderr
@@ -76,13 +75,9 @@ def main() -> None:
                 if op != "start":
                     raise ValueError(f"the first request must be 'start', got {op!r}")
                 t0 = time.perf_counter()
-                llm = LLM(model=req["model"], dtype=req.get("dtype", "auto"), max_model_len=int(req["max_model_len"]),
-                          enforce_eager=True, enable_prefix_caching=False, seed=int(req.get("seed", 0)),
-                          max_num_seqs=int(req.get("max_num_seqs", 64)),
-                          kv_cache_memory_bytes=int(req.get("kv_cache_memory_bytes", 256 << 20)))
-                if "Zeda" not in (llm.llm_engine.model_config.architectures or [""])[0]:
+                llm, zeda = start_engine(req, max_num_seqs=64)
+                if not zeda:
                     raise ValueError(f"{req['model']} did not load as a zeda architecture")
-                llm.apply_model(reset_zero_slot_counts)  # the engine's warm-up forwards are not rollouts
                 reply({"ok": True, "seconds": time.perf_counter() - t0})
             elif op == "load_weights":
                 t0 = time.perf_counter()

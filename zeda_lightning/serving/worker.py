@@ -33,20 +33,28 @@ def sampling_params(spec: dict, eos: list[int]):
     )
 
 
-def main(request_path: str, reply_path: str) -> None:
+def start_engine(req: dict, max_num_seqs: int = 32) -> tuple[LLM, bool]:
+    """The engine a request describes (model, dtype, lengths, seed, KV cache bytes), in this process, eager, prefix
+    caching off (every prompt token is routed and counted); returns it and whether it runs a zeda architecture, whose
+    slot counters are then reset (the engine's warm-up forwards are not the user's tokens)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read by vLLM when the engine starts
+    llm = LLM(model=req["model"], dtype=req.get("dtype", "auto"), max_model_len=int(req.get("max_model_len", 512)),
+              enforce_eager=True, enable_prefix_caching=False, seed=int(req.get("seed", 0)),
+              max_num_seqs=int(req.get("max_num_seqs", max_num_seqs)),
+              # an explicit KV cache: vLLM's CPU default reserves 92 % of the machine's memory up front
+              kv_cache_memory_bytes=int(req.get("kv_cache_memory_bytes", 256 << 20)))
+    zeda = "Zeda" in (llm.llm_engine.model_config.architectures or [""])[0]
+    if zeda:
+        llm.apply_model(reset_zero_slot_counts)
+    return llm, zeda
+
+
+def main(request_path: str, reply_path: str) -> None:
     with open(request_path) as f:
         req = json.load(f)
     start = time.perf_counter()
-    llm = LLM(model=req["model"], dtype=req.get("dtype", "auto"), max_model_len=int(req.get("max_model_len", 512)),
-              enforce_eager=True, enable_prefix_caching=False, seed=int(req.get("seed", 0)),
-              max_num_seqs=int(req.get("max_num_seqs", 32)),
-              # an explicit KV cache: vLLM's CPU default reserves 92 % of the machine's memory up front
-              kv_cache_memory_bytes=int(req.get("kv_cache_memory_bytes", 256 << 20)))
+    llm, zeda = start_engine(req)
     load_seconds = time.perf_counter() - start
-    zeda = "Zeda" in (llm.llm_engine.model_config.architectures or [""])[0]
-    if zeda:
-        llm.apply_model(reset_zero_slot_counts)  # the engine's warm-up forwards are not the user's tokens
     results = []
     for batch in req["batches"]:
         params = sampling_params(batch, [int(i) for i in batch.get("eos_token_ids", [])])
