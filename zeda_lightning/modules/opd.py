@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.utils.rnn import pad_sequence
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoTokenizer
 from typing_extensions import override
@@ -246,11 +247,8 @@ class OnPolicyDistillModule(ZedaDistillModule):
         out = self._engine.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=self.sampling_temperature,
                                     top_p=self.top_p, top_k=0, num_samples=self.num_samples, eos_token_ids=eos,
                                     seed=seed)
-        responses = [ids for per_prompt in out["token_ids"] for ids in per_prompt]  # (R,) prompt-major
-        width = max(1, max(len(ids) for ids in responses))
-        padded = torch.full((len(responses), width), pad, dtype=prompt_ids.dtype)
-        for i, ids in enumerate(responses):
-            padded[i, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)
+        responses = [torch.tensor(ids, dtype=prompt_ids.dtype) for per_prompt in out["token_ids"] for ids in per_prompt]
+        padded = pad_sequence(responses, batch_first=True, padding_value=pad)  # (R, G), prompt-major
         return torch.cat([prompt_ids.repeat_interleave(self.num_samples, 0), padded.to(prompt_ids.device)], dim=1)
 
     @override
